@@ -1,0 +1,212 @@
+"""Probe overhead: plain training step vs step + probe, interleaved in one process.
+
+Four workloads (issue 4): 20 x 256 tanh MLP batch 128; 6 x 64 ReLU MLP batch 64; a 3-conv CNN on
+1 x 28 x 28 batch 64; a 128-unit LSTM on length-50 sequences batch 64. For each workload every
+variant trains its own copy of the same model (same init, same batches, SGD with momentum); a
+round runs `--steps` steps of every variant, interleaved step by step (one step of each variant
+in turn, the order rotating every step), and times every step on its own. Per round: median step time of the variant / median step time of plain
+training; the figure printed is the median of those ratios over the rounds ("median").
+"amortised" is the honest total: mean step time including the probe's once-per-epoch work
+(end_epoch, the temporal unroll, the weight snapshot), every `--epoch` steps, / plain mean.
+
+Variants: plain; probe (default, sample stride 8); probe every_step=True; the anchors
+"naive" (per-parameter .norm().item() every step) and "hist" (per-step gradient histograms,
+64 bins per parameter, what wandb.watch(log="gradients", log_freq=1) computes).
+
+    .venv/bin/python bench/overhead.py                 # all four, default rounds
+    .venv/bin/python bench/overhead.py --quick         # a short look while developing
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gradwatch import Probe  # noqa: E402
+
+
+# --------------------------------------------------------------------------- workloads
+def mlp(depth, width, act, inp, out):
+    layers, i = [], inp
+    for _ in range(depth):
+        layers += [nn.Linear(i, width), act()]
+        i = width
+    layers.append(nn.Linear(i, out))
+    return nn.Sequential(*layers)
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        )
+        self.head = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+class LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(2, 128, batch_first=True)
+        self.head = nn.Linear(128, 1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def workloads():
+    g = torch.Generator().manual_seed(0)
+
+    def cls_batches(shape, classes, n=4):
+        return [(torch.randn(*shape, generator=g), torch.randint(0, classes, (shape[0],), generator=g))
+                for _ in range(n)]
+
+    return {
+        "tanh-mlp-20x256": (lambda: mlp(20, 256, nn.Tanh, 256, 10), cls_batches((128, 256), 10),
+                            nn.CrossEntropyLoss()),
+        "relu-mlp-6x64": (lambda: mlp(6, 64, nn.ReLU, 64, 10), cls_batches((64, 64), 10),
+                          nn.CrossEntropyLoss()),
+        "cnn-3conv-28x28": (CNN, cls_batches((64, 1, 28, 28), 10), nn.CrossEntropyLoss()),
+        "lstm-128-T50": (LSTMNet, [(torch.randn(64, 50, 2, generator=g), torch.randn(64, 1, generator=g))
+                                   for _ in range(4)], nn.MSELoss()),
+    }
+
+
+# --------------------------------------------------------------------------- variants
+class Variant:
+    """One training copy. `after_backward` is what the variant does between backward and
+    opt.step(); `epoch_end` its once-per-epoch work."""
+
+    def __init__(self, name, model, loss_fn):
+        self.name, self.model, self.loss_fn = name, model, loss_fn
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.params = list(model.parameters())
+        self.probe = None
+        if name == "probe":
+            self.probe = Probe(model)
+        elif name == "every_step":
+            self.probe = Probe(model, every_step=True)
+        self.sink = []
+        self.step_times: list[float] = []
+        self.epoch_times: list[float] = []
+        self.n = 0
+        self.epoch = 0
+
+    def after_backward(self, loss):
+        if self.probe is not None:
+            self.probe.step(loss)
+        elif self.name == "naive":
+            self.sink = [p.grad.norm().item() for p in self.params]
+            self.sink.append(loss.item())
+        elif self.name == "hist":
+            out = []
+            for p in self.params:
+                flat = p.grad.detach().reshape(-1)
+                tmin, tmax = flat.min().item(), flat.max().item()
+                out.append(flat.histc(bins=64, min=tmin, max=tmax).cpu().tolist())
+            self.sink = out
+
+    def train_step(self, x, y):
+        self.opt.zero_grad()
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        self.after_backward(loss)
+        self.opt.step()
+
+    def epoch_end(self):
+        if self.probe is not None:
+            self.epoch += 1
+            self.probe.end_epoch(self.epoch)
+
+
+def run(name, make, batches, loss_fn, variants, rounds, steps, epoch_len, warmup):
+    torch.manual_seed(0)
+    base = make()
+    vs = [Variant(v, copy.deepcopy(base), loss_fn) for v in variants]
+    for v in vs:  # warm-up (allocator, first-forward paths, the first temporal unroll)
+        for k in range(warmup):
+            v.train_step(*batches[k % len(batches)])
+        v.epoch_end()
+    ratios = {v.name: [] for v in vs}
+    for r in range(rounds):
+        times = {v.name: [] for v in vs}
+        for k in range(steps):
+            # one step of every variant in turn, the order rotating every step: load changes
+            # on the shared machine hit every variant alike
+            j = (r * steps + k) % len(vs)
+            for v in vs[j:] + vs[:j]:
+                x, y = batches[v.n % len(batches)]
+                t0 = time.perf_counter()
+                v.train_step(x, y)
+                t1 = time.perf_counter()
+                times[v.name].append(t1 - t0)
+                v.step_times.append(t1 - t0)
+                v.n += 1
+                if v.n % epoch_len == 0:
+                    t2 = time.perf_counter()
+                    v.epoch_end()
+                    v.epoch_times.append(time.perf_counter() - t2)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        for v in vs:
+            ratios[v.name].append(med[v.name] / med["plain"])
+    plain = vs[0]
+    plain_mean = statistics.fmean(plain.step_times)
+    out = {}
+    for v in vs:
+        amort = (sum(v.step_times) + sum(v.epoch_times)) / len(v.step_times) / plain_mean
+        out[v.name] = (statistics.median(ratios[v.name]), amort)
+    return statistics.median(plain.step_times), out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=40, help="steps per variant per round")
+    ap.add_argument("--epoch", type=int, default=50, help="steps per epoch (end_epoch every N)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workloads", default="all", help="comma-separated names, or 'all'")
+    ap.add_argument("--variants", default="probe,every_step,naive,hist")
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 16 steps")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.rounds, a.steps, a.warmup = 3, 16, 4
+    torch.set_num_threads(a.threads)
+    variants = ["plain"] + [v for v in a.variants.split(",") if v and v != "plain"]
+    wl = workloads()
+    names = list(wl) if a.workloads == "all" else a.workloads.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {a.rounds} rounds x "
+          f"{a.steps} steps per variant, end_epoch every {a.epoch} steps; ratio = variant / plain")
+    print("median = median over rounds of (median step time / plain's); "
+          "amortised = mean incl. end_epoch & temporal batch")
+    cols = [v for v in variants if v != "plain"]
+    head = f"{'workload':18s} {'plain ms':>9s} " + " ".join(f"{c + ' med':>15s} {'amort':>7s}" for c in cols)
+    print(head)
+    worst = 0.0
+    for n in names:
+        make, batches, loss_fn = wl[n]
+        plain_s, res = run(n, make, batches, loss_fn, variants, a.rounds, a.steps, a.epoch, a.warmup)
+        cells = " ".join(f"{res[c][0]:14.3f}x {res[c][1]:6.3f}x" for c in cols)
+        print(f"{n:18s} {plain_s * 1e3:9.3f} {cells}", flush=True)
+        if "probe" in res:
+            worst = max(worst, res["probe"][0])
+    if "probe" in variants:
+        print(f"worst default-probe median ratio: {worst:.3f}x "
+              f"({'meets' if worst <= 1.05 else 'MISSES'} the 1.05 target)")
+
+
+if __name__ == "__main__":
+    main()
