@@ -66,28 +66,59 @@ def _num(x: float | None) -> float | None:
 
 
 class _Rows:
-    """A preallocated [capacity, width] device buffer filled one row per call of ``put``."""
+    """A preallocated [capacity, width] device buffer, filled one row per step.
 
-    def __init__(self, width: int, device: torch.device, dtype: torch.dtype, capacity: int):
+    Rows are queued as Python lists of 0-d tensors and written ``batch`` rows at a time with one
+    ``torch.stack(..., out=...)``: one op per ``batch`` steps instead of one per step, and never
+    more than ``batch * width`` small tensor objects alive (a long list of them would make
+    Python's garbage collector the dominant cost)."""
+
+    def __init__(self, width: int, device: torch.device, dtype: torch.dtype, capacity: int,
+                 batch: int = 16):
+        self.batch = max(1, min(batch, capacity))
+        capacity = max(capacity // self.batch, 1) * self.batch
         self.buf = torch.empty(capacity, width, device=device, dtype=dtype)
-        self.rows = list(self.buf.unbind(0))  # views made once: no indexing op per step
-        self.n = 0
+        self.capacity = capacity
+        self.pending: list[Tensor] = []
+        self.k = 0   # queued rows
+        self.n = 0   # written rows
 
-    def put(self, values: Any) -> bool:
-        """Write one row; True when the buffer is full."""
-        row = self.rows[self.n]
-        try:
-            torch.stack(values, out=row)
-        except RuntimeError:  # values on several devices (a model split across devices)
-            row.copy_(torch.stack([v.to(row.device, row.dtype) for v in values]))
-        self.n += 1
-        return self.n == len(self.rows)
+    def add(self, values: Any, last: Tensor | None = None) -> bool:
+        """Queue one row (``values`` then ``last``); True when the buffer is full."""
+        self.pending.extend(values)
+        if last is not None:
+            self.pending.append(last)
+        self.k += 1
+        if self.k == self.batch:
+            return self._commit()
+        return False
+
+    def _commit(self) -> bool:
+        k, n = self.k, self.n
+        if k:
+            out = self.buf[n:n + k].view(-1)
+            try:
+                torch.stack(self.pending, out=out)
+            except RuntimeError:  # values on several devices (a model split across devices)
+                out.copy_(torch.stack([v.to(out.device, out.dtype) for v in self.pending]))
+            self.pending.clear()
+            self.n = n + k
+            self.k = 0
+        return self.n == self.capacity
+
+    def count(self) -> int:
+        return self.n + self.k
 
     def take(self) -> Tensor:
-        """The filled rows (a copy, in float64); empties the buffer."""
+        """The rows so far (a float64 copy); empties the buffer."""
+        self._commit()
         out = self.buf[:self.n].double()
         self.n = 0
         return out
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.k = self.n = 0
 
 
 class Probe:
@@ -191,7 +222,7 @@ class Probe:
         if rows is None:
             rows = self._rows = _Rows(len(norms) + 1, self._device(), self._row_dtype(),
                                       _CHUNK_ROWS)
-        if rows.put((*norms, lt)):
+        if rows.add(norms, lt):
             self._take_rows()
         if i % self.sample_stride == 0 and self._params:
             self._sampled_step(i, grads)
@@ -265,8 +296,8 @@ class Probe:
         mr = self._max_rows
         if mr is None:
             mr = self._max_rows = _Rows(len(row), self._device(), self._row_dtype(),
-                                        max(1, _CHUNK_ROWS // self.sample_stride))
-        if mr.put(row):
+                                        max(1, _CHUNK_ROWS // self.sample_stride), batch=4)
+        if mr.add(row):
             self._take_max_rows()
         if i == 0:
             self._snapshot()
@@ -361,38 +392,41 @@ class Probe:
 
     def _act_hook(self, name: str, kind: str, mod: nn.Module, inp: Any, out: Any) -> None:
         """Statistics of the first activation after a layer, reduced at once (the tensor is
-        not kept): mean and variance, the saturated count, the count of dead units."""
+        not kept): sum, L2 norm (-> pooled mean / std), and the saturated count (sigmoid,
+        tanh) or the count of live units (ReLU family). A handful of ops, all on the device;
+        the operand is detached, so no autograd graph is built."""
         owner = self._owner
         if owner is None or owner in self._taken or not torch.is_grad_enabled():
             return
         self._taken.add(owner)
         if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() == 0:
             return
-        with torch.no_grad():
-            y = out.detach()
-            var, mean = torch.var_mean(y, correction=0)
-            if kind == "sigmoid":
-                extra = torch.count_nonzero((y - 0.5).abs_() > 0.5 - _SATURATION_MARGIN)
-            elif kind == "tanh":
-                extra = torch.count_nonzero(y.abs() > 1.0 - _SATURATION_MARGIN)
-            elif kind == "relu":  # a unit is dead when it is <= 0 for every sample
-                extra = torch.count_nonzero((y.amax(0) if y.dim() >= 2 else y) <= 0)
-            else:
-                extra = self._zero_like(mean)[0]
-            stats = torch.stack((mean, var, extra))
+        y = out.detach()
+        s1 = y.sum(dtype=torch.float32)
+        s2 = torch.linalg.vector_norm(y, dtype=torch.float32)
+        if kind == "sigmoid":   # within 0.01 of 0 or 1
+            extra = y.sub(0.5).abs_().gt_(0.5 - _SATURATION_MARGIN).sum(dtype=torch.float32)
+        elif kind == "tanh":    # within 0.01 of -1 or 1
+            extra = y.abs().gt_(1.0 - _SATURATION_MARGIN).sum(dtype=torch.float32)
+        elif kind == "relu":    # live units: > 0 for at least one sample of the batch
+            extra = torch.count_nonzero((y.amax(0) if y.dim() >= 2 else y).clamp(min=0))
+        else:
+            extra = s1          # placeholder, unused
         units = y[0].numel() if y.dim() >= 2 else y.numel()
         self._act_meta.append((owner, name, kind, y.numel(), units))
-        self._act_entries.append(stats)
-        if len(self._act_entries) >= _ACT_FLUSH:
+        self._act_vals.extend((s1, s2, extra))
+        if len(self._act_meta) >= _ACT_FLUSH:
             self._take_act_entries()
 
     def _take_act_entries(self) -> None:
-        dev = self._device()
-        stacked = torch.stack([t.to(dev, torch.float64) for t in self._act_entries]) \
-            if len({t.device for t in self._act_entries}) > 1 \
-            else torch.stack(self._act_entries).double()
+        vals = self._act_vals
+        try:
+            stacked = torch.stack(vals).double()
+        except RuntimeError:  # several devices
+            dev = self._device()
+            stacked = torch.stack([t.to(dev, torch.float64) for t in vals])
         self._act_chunks.append((self._act_meta, stacked))
-        self._act_meta, self._act_entries = [], []
+        self._act_meta, self._act_vals = [], []
 
     # ------------------------------------------------------------------ temporal
     def _rnn_pre_hook(self, mod: nn.RNNBase, args: tuple, kwargs: dict) -> Any:
@@ -469,16 +503,16 @@ class Probe:
     def _reset_epoch(self) -> None:
         self._i = 0
         if self._rows is not None:
-            self._rows.n = 0
+            self._rows.clear()
         if self._max_rows is not None:
-            self._max_rows.n = 0
+            self._max_rows.clear()
         self._sq_chunks: list[Tensor] = []
         self._loss_chunks: list[Tensor] = []
         self._max_chunks: list[Tensor] = []
         self._no_loss: list[int] = []
         self._nan = torch.tensor(math.nan, device=self._device())
         self._act_meta: list[tuple] = []
-        self._act_entries: list[Tensor] = []
+        self._act_vals: list[Tensor] = []
         self._act_chunks: list[tuple] = []
         self._owner: int | None = None
         self._taken: set[int] = set()
@@ -491,11 +525,11 @@ class Probe:
         self._temporal_result: tuple[str, Tensor] | None = None
 
     def _build_record(self, epoch: int, metrics: dict | None) -> dict:
-        if self._rows is not None and self._rows.n:
+        if self._rows is not None and self._rows.count():
             self._take_rows()
-        if self._max_rows is not None and self._max_rows.n:
+        if self._max_rows is not None and self._max_rows.count():
             self._take_max_rows()
-        if self._act_entries:
+        if self._act_meta:
             self._take_act_entries()
         L = self._n_layers
         dev = self._device()
@@ -585,15 +619,15 @@ class Probe:
         # activation pooling (host, float64): pooled mean / population std over sampled batches
         acc: dict[int, list] = {}
         for k, (owner, name, kind, numel, units) in enumerate(act_meta):
-            m, v, extra = act_vals[3 * k: 3 * k + 3]
+            s1, norm, extra = act_vals[3 * k: 3 * k + 3]
             a = acc.setdefault(owner, [name, 0.0, 0.0, 0, 0.0, 0.0, 0])
-            a[1] += numel * m
-            a[2] += numel * (v + m * m)
+            a[1] += s1
+            a[2] += norm * norm
             a[3] += numel
             if kind in ("sigmoid", "tanh"):
                 a[4] += extra
             elif kind == "relu":
-                a[5] += extra / units
+                a[5] += (units - extra) / units
             a[6] += 1
 
         layer_recs = []

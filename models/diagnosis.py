@@ -158,6 +158,7 @@ class Analysis:
     spec_constant_init: list[str] = field(default_factory=list)
     saturating_activations: list[str] = field(default_factory=list)  # sigmoid/tanh modules seen
     init_loss_over_chance: float | None = None  # loss at init / its no-information level
+    init_loss_limit: float = 5.0
     # decisions
     exploding_reasons: list[str] = field(default_factory=list)
     vanishing_reasons: list[str] = field(default_factory=list)
@@ -360,7 +361,9 @@ def analyse(records: list[dict], *, spec: dict | None = None,
         if c0 and 0 < c0 < 1:
             a.init_loss_over_chance = a.init_loss / math.log(1.0 / c0)
         elif v0:
+            # MSE of a constant output is var + mean^2; the mean is not reported, so allow more
             a.init_loss_over_chance = a.init_loss / v0
+            a.init_loss_limit = 50.0
     if a.init_loss and finite_losses:
         a.loss_frac = min(finite_losses) / a.init_loss
     if acc is not None:
@@ -726,7 +729,7 @@ def cause(a: Analysis) -> str:
             return "recurrent"
         # the init is too wide when the output is already blown up before any update (loss at
         # init far above its chance level) or gradients grow towards the input at init
-        if (a.init_loss_over_chance is not None and a.init_loss_over_chance > 5.0) or (
+        if (a.init_loss_over_chance is not None and a.init_loss_over_chance > a.init_loss_limit) or (
                 a.ratio_init is not None and a.ratio_init > 1e2):
             return "init_scale"
         return "learning_rate"

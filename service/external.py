@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from service import reports
 from service.epoch_store import load_records, upsert_external
 from service.problems import Problem
-from service.tables import Job
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
+from service.tables import Job, utcnow
 
 
 def check_callback_url(url: Any) -> str:
@@ -27,21 +23,34 @@ def check_callback_url(url: Any) -> str:
     return url
 
 
+def _finished(job: Job) -> Problem:
+    return Problem(409, "job-finished", "Job already finished", f"The job is {job.status}; it takes no more epochs.")
+
+
 def accept_epochs(session: Session, job: Job, records: list[dict[str, Any]]) -> None:
-    upsert_external(session, job.id, records)
-    stamp = now()
-    job.epochs_done = max([job.epochs_done or 0] + [int(r["epoch"]) for r in records])
-    job.started_at = job.started_at or stamp
-    job.heartbeat_at = stamp  # an external job's liveness: the last time it sent anything
-    job.updated_at = stamp
+    """Idempotent on (job, epoch); refused once the job is final (it may have ended meanwhile)."""
+    try:
+        written = upsert_external(session, job.id, records)
+    except ValueError as exc:
+        raise Problem(422, "invalid-epoch", "Invalid epoch record", str(exc)) from None
+    if written is None:
+        session.refresh(job)
+        raise _finished(job)
+    session.refresh(job)
 
 
-def finish_external(session: Session, job: Job, *, status: str) -> None:
+def finish_external(session: Session, job: Job, *, status: str) -> bool:
+    """Final report on what arrived, written only if the job is still running: a complete and
+    a cancel racing each other cannot overwrite one another."""
     report = reports.compute(job, load_records(session, job.id), final=True)
-    stamp = now()
-    job.status = status
-    job.report = report
-    job.report_final = True
-    job.verdict = report["verdict"]
-    job.finished_at = stamp
-    job.updated_at = stamp
+    now = utcnow()
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "running")
+        .values(status=status, report=report, report_final=True, verdict=report["verdict"],
+                finished_at=now, updated_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    session.refresh(job)
+    return done is not None

@@ -63,7 +63,9 @@ class Settings(BaseSettings):
     """How long a silent worker keeps its job before another worker may take it over."""
     heartbeat_seconds: float | None = Field(None, gt=0)
     """How often a busy worker renews its lease (and sees cancel requests). Default
-    ``min(lease_seconds / 3, 2.0)``: a cancel is noticed within about two seconds."""
+    ``min(lease_seconds / 3, 1.0)``: the heartbeat is also how a running job learns it was
+    cancelled, so a cancel is noticed within about a second (one tiny UPDATE per second per
+    busy worker)."""
     max_attempts: int = Field(3, ge=1)
     """A job whose worker stops responding this many times fails with ``max_attempts``."""
     poll_seconds: float = Field(0.5, gt=0)
@@ -100,7 +102,7 @@ class Settings(BaseSettings):
         """The effective heartbeat period in seconds."""
         if self.heartbeat_seconds is not None:
             return self.heartbeat_seconds
-        return min(self.lease_seconds / 3.0, 2.0)
+        return min(self.lease_seconds / 3.0, 1.0)
 
     @property
     def api_key_pairs(self) -> list[tuple[str, str]]:

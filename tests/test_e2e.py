@@ -171,7 +171,8 @@ def test_cancel_stops_a_running_job_within_seconds(tmp_path: Path, logs: Path) -
         response = httpx.post(f"{url}/v1/jobs/{job_id}/cancel", timeout=10)
         assert response.status_code == 202
         wait_for(lambda: job(url, job_id)["status"] == "cancelled", timeout=10, interval=0.1, what="cancelled")
-        assert time.monotonic() - asked < 5
+        # ~1 s heartbeat + one step + writing the report; slack for a loaded 2-core CI machine.
+        assert time.monotonic() - asked < 6
         queued = submit(url, slow_spec("queued-cancel"))  # a second job: cancel it while queued/running
         assert httpx.post(f"{url}/v1/jobs/{queued['id']}/cancel", timeout=10).status_code == 202
         wait_for(lambda: job(url, queued["id"])["status"] == "cancelled", timeout=10, what="cancelled")

@@ -101,8 +101,8 @@ def test_settings_from_the_environment(monkeypatch):
     settings = Settings(_env_file=None)
     assert settings.database_url == "postgresql+psycopg://u@h/db"
     assert settings.api_key_pairs == [("acme", "k1"), ("globex", "k2")]
-    assert settings.lease_seconds == 12 and settings.heartbeat_interval == 2.0
-    assert Settings(_env_file=None, lease_seconds=3).heartbeat_interval == 1.0
+    assert settings.lease_seconds == 12 and settings.heartbeat_interval == 1.0  # capped: cancels seen fast
+    assert Settings(_env_file=None, lease_seconds=1.5).heartbeat_interval == 0.5
     assert Settings(_env_file=None, heartbeat_seconds=5).heartbeat_interval == 5
     assert settings.limit_kwargs()["max_parameters"] == 20_000_000
     get_settings.cache_clear()
