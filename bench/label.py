@@ -11,7 +11,7 @@ Criteria (benchmark/README.md, "How the labels were decided"):
   vanishing  learns little (accuracy < chance + 20% of the headroom, or MSE > 0.7x target
              variance) AND the key ratio < 1e-4 in every epoch and at init (a first layer or
              first step with exactly zero gradient counts).
-             Extension (documented in bench/README.md): learns little AND every weighted
+             Extension (documented in docs/diagnosis.md): learns little AND every weighted
              layer's gradient norm is below 1e-4 at init and in every epoch ("every gradient
              collapses": the deep ReLU / variance-1/n case whose ratio stays near 1).
   healthy    learns (accuracy >= chance + 60% of the headroom, or MSE <= 0.5x variance with the

@@ -5,6 +5,9 @@
     python examples/sdk_training_loop.py --kind healthy
 
 It needs only torch and the `gradwatch` SDK (which itself needs only torch and httpx).
+`log_epoch` returns at once: if the server goes away mid-run, training goes on and the records
+wait in memory until it is back (`complete()` waits for them). The training accuracy is logged
+as a metric: with it the diagnosis can tell "learned nothing" from "learned a little".
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--api-key", default=os.environ.get("GRADWATCH_API_KEY"))
     parser.add_argument("--kind", choices=["vanishing", "exploding", "healthy"], default="vanishing")
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--callback-url", default=None, help="POST the report here when the job ends.")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -62,7 +66,9 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
 
     probe = Probe(model)                                                            # 1
-    job = Client(args.url, api_key=args.api_key).start_external(f"sdk-{args.kind}", probe, epochs=args.epochs)  # 2
+    job = Client(args.url, api_key=args.api_key).start_external(                   # 2
+        f"sdk-{args.kind}", probe, epochs=args.epochs, callback_url=args.callback_url)
+    print(f"job {job.id} started", flush=True)
     for epoch in range(1, args.epochs + 1):
         for batch in torch.randperm(len(x)).split(32):
             opt.zero_grad()
@@ -70,10 +76,15 @@ def main() -> None:
             loss.backward()
             probe.step(loss)
             opt.step()
-        job.log_epoch(probe.end_epoch(epoch))                                      # 3
+        with torch.no_grad():
+            accuracy = (model(x).argmax(dim=1) == y).float().mean().item()
+        job.log_epoch(probe.end_epoch(epoch, metrics={"accuracy": accuracy}))       # 3
+        print(f"epoch {epoch} logged (accuracy {accuracy:.3f}, {job.pending} waiting for the server)", flush=True)
+    print("completing", flush=True)
     job.complete()
     report = job.report()
-    print(f"job {job.id}: {report['verdict']} — {report['summary']}")
+    print(f"delivered {job.delivered} epoch records, {job.retries} failed send(s) retried", flush=True)
+    print(f"job {job.id}: {report['verdict']} — {report['summary']}", flush=True)
 
 
 if __name__ == "__main__":

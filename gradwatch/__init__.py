@@ -3,6 +3,6 @@
 The SDK imports torch, httpx and the standard library only.
 """
 from gradwatch.probe import Probe
+from gradwatch.client import Client
 
-# Client (gradwatch/client.py) is added here by the lead: from gradwatch.client import Client
-__all__ = ["Probe"]
+__all__ = ["Client", "Probe"]

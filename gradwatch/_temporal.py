@@ -65,28 +65,35 @@ def unroll(mod: nn.RNNBase, x: Tensor, hx: Any, on_hidden: Callable[[int, Tensor
         w_hh = getattr(mod, f"weight_hh_l{layer}")
         b_ih = getattr(mod, f"bias_ih_l{layer}") if mod.bias else None
         b_hh = getattr(mod, f"bias_hh_l{layer}") if mod.bias else None
-        gi = F.linear(layer_in, w_ih, b_ih)  # [T, B, G]: the input projection in one matmul
+        # the input projection for every t in one matmul; for LSTM / RNN both biases go in
+        # there too, so each time step is a single addmm plus the cell's elementwise ops
+        gi = F.linear(layer_in, w_ih, b_ih)  # [T, B, G]
+        if b_hh is not None and mode != "GRU":
+            gi = gi + b_hh
+        gis = gi.unbind(0)  # not gi[t]: each select's backward would zero-fill all of [T, B, G]
+        w_hh_t = w_hh.t()
         h = h0[layer]
         c = c0[layer] if is_lstm else None
         top = layer == L - 1
         outs = []
         for t in range(T):
-            gh = F.linear(h, w_hh, b_hh)
             if is_lstm:
-                i, f, g, o = (gi[t] + gh).chunk(4, 1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
+                gates = torch.addmm(gis[t], h, w_hh_t)
+                sig = torch.sigmoid(gates)
+                i, f, _, o = sig.chunk(4, 1)
+                g = torch.tanh(gates[:, 2 * H:3 * H])
+                c = torch.addcmul(f * c, i, g)
+                h = o * torch.tanh(c)
             elif mode == "GRU":
-                ir, iz, inn = gi[t].chunk(3, 1)
-                hr, hz, hn_ = gh.chunk(3, 1)
-                r = torch.sigmoid(ir + hr)
-                z = torch.sigmoid(iz + hz)
-                n = torch.tanh(inn + r * hn_)
-                h = n + z * (h - n)  # (1 - z) * n + z * h
+                gh = F.linear(h, w_hh, b_hh)
+                rz = torch.sigmoid(gis[t][:, :2 * H] + gh[:, :2 * H])
+                r, z = rz.chunk(2, 1)
+                n = torch.tanh(torch.addcmul(gis[t][:, 2 * H:], r, gh[:, 2 * H:]))
+                h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
             elif mode == "RNN_TANH":
-                h = torch.tanh(gi[t] + gh)
+                h = torch.tanh(torch.addmm(gis[t], h, w_hh_t))
             else:
-                h = torch.relu(gi[t] + gh)
+                h = torch.relu(torch.addmm(gis[t], h, w_hh_t))
             if top:
                 on_hidden(t, h)
             outs.append(h)

@@ -22,17 +22,18 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch import _temporal
+from gradwatch._norms import NormPlan
 
 DEFAULT_SAMPLE_STRIDE = 8
 _CHUNK_ROWS = 256  # per-step rows kept before they are reduced to per-layer values
 _ACT_FLUSH = 1024  # activation entries kept before they are stacked into one tensor
 
-# Activation modules. kind: "relu" (ReLU family: dead_frac), "sigmoid"/"tanh" (saturated_frac),
-# "other" (mean/std only).
+# Activation modules. kind: "relu" (ReLU family: dead_frac; "relu0" when the output is >= 0),
+# "sigmoid"/"tanh" (saturated_frac), "other" (mean/std only).
 _ACTIVATIONS: dict[type, str] = {
-    nn.ReLU: "relu", nn.ReLU6: "relu", nn.LeakyReLU: "relu", nn.PReLU: "relu",
+    nn.ReLU: "relu0", nn.ReLU6: "relu0", nn.LeakyReLU: "relu", nn.PReLU: "relu",
     nn.RReLU: "relu", nn.ELU: "relu", nn.CELU: "relu", nn.SELU: "relu", nn.GELU: "relu",
-    nn.SiLU: "relu", nn.Mish: "relu", nn.Softplus: "relu", nn.Hardswish: "relu",
+    nn.SiLU: "relu", nn.Mish: "relu", nn.Softplus: "relu0", nn.Hardswish: "relu",
     nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
     nn.Hardtanh: "other", nn.Hardsigmoid: "other", nn.Softsign: "other",
     nn.LogSigmoid: "other", nn.Tanhshrink: "other",
@@ -58,6 +59,13 @@ def _fnorm(tensors: list[Tensor]) -> list[Tensor]:
     return list(torch._foreach_norm(tensors))
 
 
+def _stack(ts: list[Tensor], dev: torch.device) -> Tensor:
+    try:
+        return torch.stack(ts)
+    except RuntimeError:  # tensors on several devices (a model split across devices)
+        return torch.stack([t.to(dev) for t in ts])
+
+
 def _num(x: float | None) -> float | None:
     """NaN / Inf -> None (JSON has no NaN)."""
     if x is None or not math.isfinite(x):
@@ -66,59 +74,23 @@ def _num(x: float | None) -> float | None:
 
 
 class _Rows:
-    """A preallocated [capacity, width] device buffer, filled one row per step.
-
-    Rows are queued as Python lists of 0-d tensors and written ``batch`` rows at a time with one
-    ``torch.stack(..., out=...)``: one op per ``batch`` steps instead of one per step, and never
-    more than ``batch * width`` small tensor objects alive (a long list of them would make
-    Python's garbage collector the dominant cost)."""
+    """A preallocated [capacity, width] device buffer, one row per step; ``views`` holds, per
+    row, the slices each part of the row is written to (made once: no indexing op per step,
+    and no per-step tensors left alive for Python's garbage collector to walk)."""
 
     def __init__(self, width: int, device: torch.device, dtype: torch.dtype, capacity: int,
-                 batch: int = 16):
-        self.batch = max(1, min(batch, capacity))
-        capacity = max(capacity // self.batch, 1) * self.batch
+                 make_views: Any):
         self.buf = torch.empty(capacity, width, device=device, dtype=dtype)
+        self.rows = list(self.buf.unbind(0))
+        self.views = [make_views(r) for r in self.rows]
         self.capacity = capacity
-        self.pending: list[Tensor] = []
-        self.k = 0   # queued rows
-        self.n = 0   # written rows
-
-    def add(self, values: Any, last: Tensor | None = None) -> bool:
-        """Queue one row (``values`` then ``last``); True when the buffer is full."""
-        self.pending.extend(values)
-        if last is not None:
-            self.pending.append(last)
-        self.k += 1
-        if self.k == self.batch:
-            return self._commit()
-        return False
-
-    def _commit(self) -> bool:
-        k, n = self.k, self.n
-        if k:
-            out = self.buf[n:n + k].view(-1)
-            try:
-                torch.stack(self.pending, out=out)
-            except RuntimeError:  # values on several devices (a model split across devices)
-                out.copy_(torch.stack([v.to(out.device, out.dtype) for v in self.pending]))
-            self.pending.clear()
-            self.n = n + k
-            self.k = 0
-        return self.n == self.capacity
-
-    def count(self) -> int:
-        return self.n + self.k
+        self.n = 0
 
     def take(self) -> Tensor:
         """The rows so far (a float64 copy); empties the buffer."""
-        self._commit()
         out = self.buf[:self.n].double()
         self.n = 0
         return out
-
-    def clear(self) -> None:
-        self.pending.clear()
-        self.k = self.n = 0
 
 
 class Probe:
@@ -166,7 +138,6 @@ class Probe:
         self._n_layers = len(self._layer_names)
         self._low_precision = any(p.dtype in _LOW_PRECISION for p in self._params)
         self._index_cache: dict[torch.device, Tensor] = {}
-        self._zeros: dict = {}
 
         # ---- temporal: the first recurrent module
         self._rnn: tuple[str, nn.RNNBase] | None = None
@@ -176,10 +147,12 @@ class Probe:
                     self._rnn = (name or "root", mod)
                     break
 
-        self._rows: _Rows | None = None       # per step: P norms + the loss
-        self._max_rows: _Rows | None = None   # per sampled step: P maxima + P minima
+        self._plan: NormPlan | None = None
+        self._rows: _Rows | None = None       # per step: the plan's norm columns + the loss
+        self._max_rows: _Rows | None = None   # per sampled step: max |g| columns
         self._hooks_on = False
-        self._hook_handles: list[Any] = []
+        self._specs: list[tuple[dict, int, Any]] | None = None
+        self._reserved: list[Any] = []
         self._rnn_handles: list[Any] = []
         self._closed = False
         self._snap: list[Tensor] | None = None
@@ -197,18 +170,6 @@ class Probe:
         """Record the current gradients (call after backward, before clipping / opt.step()).
         No host sync."""
         i = self._i
-        if self._params:
-            grads = [p.grad for p in self._params]
-            try:
-                if self._low_precision:
-                    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-                else:
-                    norms = torch._foreach_norm(grads)
-            except (TypeError, RuntimeError, NotImplementedError):  # None / sparse grads
-                grads = self._fix_grads(grads)
-                norms = self._slow_norms(grads)
-        else:
-            norms = ()
         if loss is None:
             lt = self._nan
             self._no_loss.append(i)
@@ -220,12 +181,18 @@ class Probe:
             lt = torch.tensor(float(loss))
         rows = self._rows
         if rows is None:
-            rows = self._rows = _Rows(len(norms) + 1, self._device(), self._row_dtype(),
-                                      _CHUNK_ROWS)
-        if rows.add(norms, lt):
+            rows = self._make_rows()
+        n = rows.n
+        try:
+            flats = self._plan.write(rows.views[n], lt)
+        except (TypeError, RuntimeError, NotImplementedError, AttributeError):
+            flats = None   # None / sparse / reshaped gradients: the general (slow) path
+            self._plan.write_fallback(rows.rows[n], lt.to(rows.buf.device))
+        rows.n = n + 1
+        if n + 1 == rows.capacity:
             self._take_rows()
         if i % self.sample_stride == 0 and self._params:
-            self._sampled_step(i, grads)
+            self._sampled_step(i, flats)
         self._owner = None
         if self._taken:
             self._taken.clear()
@@ -244,9 +211,12 @@ class Probe:
 
     def close(self) -> None:
         """Remove every hook the probe installed."""
-        self._closed = True
         self._remove_act_hooks()
         self._remove_rnn_hooks()
+        for h in self._reserved:
+            h.remove()
+        self._reserved = []
+        self._closed = True
 
     def __enter__(self) -> "Probe":
         return self
@@ -262,54 +232,35 @@ class Probe:
         return torch.float64 if any(p.dtype == torch.float64 for p in self._params) \
             else torch.float32
 
-    def _fix_grads(self, grads: list) -> list[Tensor]:
-        out = []
-        for g, p in zip(grads, self._params):
-            if g is None:
-                g = self._zero_like(p)
-            elif g.is_sparse:
-                g = g.coalesce().values()
-            if g.numel() == 0:
-                g = self._zero_like(p)
-            out.append(g)
-        return out
+    def _make_rows(self) -> _Rows:
+        dev, dt = self._device(), self._row_dtype()
+        self._plan = plan = NormPlan(self._params, self._slot_layer, dt)
+        self._rows = _Rows(plan.width, dev, dt, _CHUNK_ROWS, plan.row_views)
+        self._cols_layer = torch.tensor(plan.cols_layer, device=dev, dtype=torch.long)
+        self._max_cols_layer = torch.tensor(plan.max_cols_layer, device=dev, dtype=torch.long)
+        return self._rows
 
-    def _zero_like(self, p: Tensor) -> Tensor:
-        key = (p.device, p.dtype)
-        z = self._zeros.get(key)
-        if z is None:
-            z = self._zeros[key] = torch.zeros(1, device=p.device, dtype=p.dtype)
-        return z
-
-    def _slow_norms(self, grads: list[Tensor]) -> list[Tensor]:
-        return [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-
-    def _sampled_step(self, i: int, grads: list) -> None:
-        # max |g| = max(max g, -min g): one read pass per tensor (aminmax) and no |g| temporary
-        # (foreach_abs + foreach_max allocates a copy of every gradient: ~10x slower on CPU).
-        if any(g is None for g in grads):
-            grads = self._fix_grads(grads)
-        try:
-            row = self._minmax(grads)
-        except (TypeError, RuntimeError, NotImplementedError):
-            row = self._minmax(self._fix_grads(grads))
+    def _sampled_step(self, i: int, flats: list[Tensor] | None) -> None:
+        """max |g| per layer: the packed buffers of this step (abs + amax per group) and
+        aminmax for each large tensor (one read pass, no |g| temporary)."""
         mr = self._max_rows
         if mr is None:
-            mr = self._max_rows = _Rows(len(row), self._device(), self._row_dtype(),
-                                        max(1, _CHUNK_ROWS // self.sample_stride), batch=4)
-        if mr.add(row):
+            plan = self._plan
+            mr = self._max_rows = _Rows(plan.max_width, self._device(), self._row_dtype(),
+                                        max(1, _CHUNK_ROWS // self.sample_stride),
+                                        plan.max_row_views)
+        n = mr.n
+        try:
+            if flats is None:
+                raise RuntimeError("fallback")
+            self._plan.write_max(mr.views[n], flats)
+        except (TypeError, RuntimeError, NotImplementedError, AttributeError):
+            self._plan.write_max_fallback(mr.rows[n])
+        mr.n = n + 1
+        if n + 1 == mr.capacity:
             self._take_max_rows()
         if i == 0:
             self._snapshot()
-
-    @staticmethod
-    def _minmax(grads: list[Tensor]) -> list[Tensor]:
-        mins, maxs = [], []
-        for g in grads:
-            mn, mx = torch.aminmax(g)
-            mins.append(mn)
-            maxs.append(mx)
-        return maxs + mins
 
     def _snapshot(self) -> None:
         with torch.no_grad():
@@ -330,42 +281,61 @@ class Probe:
         return idx
 
     def _take_rows(self) -> None:
-        """Reduce the buffered per-step rows: per-tensor norms -> per-layer squared norms."""
-        rows = self._rows.take()                        # [r, P + 1] float64
-        P = len(self._params)
-        self._loss_chunks.append(rows[:, P])
-        if P:
+        """Reduce the buffered per-step rows: norm columns -> per-layer squared norms."""
+        rows = self._rows.take()                        # [r, width] float64
+        self._loss_chunks.append(rows[:, -1])
+        if self._n_layers:
             sq = torch.zeros(rows.shape[0], self._n_layers, dtype=torch.float64,
                              device=rows.device)
-            sq.index_add_(1, self._index(rows.device), rows[:, :P].square())
+            sq.index_add_(1, self._cols_layer, rows[:, :-1].square())
             self._sq_chunks.append(sq)
 
     def _take_max_rows(self) -> None:
-        rows = self._max_rows.take()                    # [r, 2P]: maxima then minima
-        P = len(self._params)
-        absmax = torch.maximum(rows[:, :P], -rows[:, P:])  # NaN propagates
-        idx = self._index(rows.device).expand(rows.shape[0], P)
+        rows = self._max_rows.take()                    # [r, packed + 2 * big]
+        plan = self._plan
+        n_packed = plan.big_cols[0]
+        nb = len(plan.big)
+        big = torch.maximum(rows[:, n_packed:n_packed + nb], -rows[:, n_packed + nb:])
+        absmax = torch.cat([rows[:, :n_packed], big], dim=1)  # NaN propagates
+        idx = self._max_cols_layer.expand(rows.shape[0], -1)
         out = torch.zeros(rows.shape[0], self._n_layers, dtype=torch.float64, device=rows.device)
         out.scatter_reduce_(1, idx, absmax, "amax", include_self=False)
         self._max_chunks.append(out)
 
     # ------------------------------------------------------------------ activation hooks
+    def _hook_specs(self) -> list[tuple[dict, int, Any]]:
+        """(hook dict, id, hook) for every activation / layer forward hook. The ids are
+        reserved once with a RemovableHandle; toggling is then a dict insert / pop, because
+        ``register_forward_hook`` + ``handle.remove()`` cost ~100x more than that and the hooks
+        are toggled twice every ``sample_stride`` steps."""
+        if self._specs is None:
+            from torch.utils.hooks import RemovableHandle
+
+            specs = []
+            # activation hooks first: on a PReLU (an activation that owns a parameter) the
+            # activation hook must see the previous layer as owner before the PReLU's own
+            # layer hook makes it the owner of what follows.
+            mods = [(mod, functools.partial(self._act_hook, name, kind))
+                    for name, mod, kind in self._act_modules]
+            mods += [(mod, functools.partial(self._layer_hook, li))
+                     for li, mod in enumerate(self._layer_modules)]
+            for mod, fn in mods:
+                handle = RemovableHandle(mod._forward_hooks, extra_dict=[
+                    mod._forward_hooks_with_kwargs, mod._forward_hooks_always_called])
+                self._reserved.append(handle)
+                specs.append((mod._forward_hooks, handle.id, fn))
+            self._specs = specs
+        return self._specs
+
     def _sync_hooks(self) -> None:
-        """Register the activation forward hooks iff the next step is sampled, and the temporal
-        hooks iff the epoch's temporal batch is still to come."""
+        """Activation forward hooks present iff the next step is sampled; the temporal hooks
+        iff the epoch's temporal batch is still to come."""
         if self._closed:
             return
         want = self._i % self.sample_stride == 0 and bool(self._act_modules)
         if want and not self._hooks_on:
-            # activation hooks first: on a PReLU (an activation that owns a parameter) the
-            # activation hook must see the previous layer as owner before the PReLU's own
-            # layer hook makes it the owner of what follows.
-            for name, mod, kind in self._act_modules:
-                self._hook_handles.append(
-                    mod.register_forward_hook(functools.partial(self._act_hook, name, kind)))
-            for li, mod in enumerate(self._layer_modules):
-                self._hook_handles.append(
-                    mod.register_forward_hook(functools.partial(self._layer_hook, li)))
+            for d, hid, fn in self._hook_specs():
+                d[hid] = fn
             self._hooks_on = True
         elif not want and self._hooks_on:
             self._remove_act_hooks()
@@ -377,9 +347,9 @@ class Probe:
                 mod.register_forward_hook(self._rnn_hook, with_kwargs=True))
 
     def _remove_act_hooks(self) -> None:
-        for h in self._hook_handles:
-            h.remove()
-        self._hook_handles = []
+        if self._hooks_on:
+            for d, hid, _ in self._specs:
+                d.pop(hid, None)
         self._hooks_on = False
 
     def _remove_rnn_hooks(self) -> None:
@@ -405,28 +375,37 @@ class Probe:
         s1 = y.sum(dtype=torch.float32)
         s2 = torch.linalg.vector_norm(y, dtype=torch.float32)
         if kind == "sigmoid":   # within 0.01 of 0 or 1
-            extra = y.sub(0.5).abs_().gt_(0.5 - _SATURATION_MARGIN).sum(dtype=torch.float32)
+            extra = torch.count_nonzero(y.sub(0.5).abs_().gt_(0.5 - _SATURATION_MARGIN))
         elif kind == "tanh":    # within 0.01 of -1 or 1
-            extra = y.abs().gt_(1.0 - _SATURATION_MARGIN).sum(dtype=torch.float32)
-        elif kind == "relu":    # live units: > 0 for at least one sample of the batch
+            extra = torch.count_nonzero(y.abs().gt_(1.0 - _SATURATION_MARGIN))
+        elif kind == "relu0":   # live units: > 0 for at least one sample of the batch
+            extra = torch.count_nonzero(y.amax(0) if y.dim() >= 2 else y)
+        elif kind == "relu":
             extra = torch.count_nonzero((y.amax(0) if y.dim() >= 2 else y).clamp(min=0))
         else:
-            extra = s1          # placeholder, unused
+            extra = None
         units = y[0].numel() if y.dim() >= 2 else y.numel()
         self._act_meta.append((owner, name, kind, y.numel(), units))
-        self._act_vals.extend((s1, s2, extra))
+        self._act_vals.append(s1)
+        self._act_vals.append(s2)
+        if extra is not None:
+            self._act_counts.append(extra)
         if len(self._act_meta) >= _ACT_FLUSH:
             self._take_act_entries()
 
     def _take_act_entries(self) -> None:
-        vals = self._act_vals
+        """Stack the queued activation reductions: floats (sum, norm per entry) and counts
+        (one per entry that has one) -> one float64 tensor, floats first."""
+        parts = [torch.stack(self._act_vals).double()]
+        if self._act_counts:
+            parts.append(torch.stack(self._act_counts).double())
         try:
-            stacked = torch.stack(vals).double()
+            stacked = torch.cat(parts)
         except RuntimeError:  # several devices
             dev = self._device()
-            stacked = torch.stack([t.to(dev, torch.float64) for t in vals])
+            stacked = torch.cat([p.to(dev) for p in parts])
         self._act_chunks.append((self._act_meta, stacked))
-        self._act_meta, self._act_vals = [], []
+        self._act_meta, self._act_vals, self._act_counts = [], [], []
 
     # ------------------------------------------------------------------ temporal
     def _rnn_pre_hook(self, mod: nn.RNNBase, args: tuple, kwargs: dict) -> Any:
@@ -503,9 +482,9 @@ class Probe:
     def _reset_epoch(self) -> None:
         self._i = 0
         if self._rows is not None:
-            self._rows.clear()
+            self._rows.n = 0
         if self._max_rows is not None:
-            self._max_rows.clear()
+            self._max_rows.n = 0
         self._sq_chunks: list[Tensor] = []
         self._loss_chunks: list[Tensor] = []
         self._max_chunks: list[Tensor] = []
@@ -513,6 +492,7 @@ class Probe:
         self._nan = torch.tensor(math.nan, device=self._device())
         self._act_meta: list[tuple] = []
         self._act_vals: list[Tensor] = []
+        self._act_counts: list[Tensor] = []
         self._act_chunks: list[tuple] = []
         self._owner: int | None = None
         self._taken: set[int] = set()
@@ -525,9 +505,9 @@ class Probe:
         self._temporal_result: tuple[str, Tensor] | None = None
 
     def _build_record(self, epoch: int, metrics: dict | None) -> dict:
-        if self._rows is not None and self._rows.count():
+        if self._rows is not None and self._rows.n:
             self._take_rows()
-        if self._max_rows is not None and self._max_rows.count():
+        if self._max_rows is not None and self._max_rows.n:
             self._take_max_rows()
         if self._act_meta:
             self._take_act_entries()
@@ -569,23 +549,21 @@ class Probe:
             with torch.no_grad():
                 params = [p.detach() for p in self._params]
                 idx = self._index(dev)
-                wn = torch.stack(_fnorm(params)).to(dev, f64)
-                put(torch.zeros(L, dtype=f64, device=dev).index_add_(0, idx, wn.square()).sqrt())
+                L2 = _fnorm(params)
                 if self._snap_valid:
-                    diff = torch._foreach_sub(params, self._snap)
-                    dn = torch.stack(_fnorm(diff)).to(dev, f64)
-                    sn = torch.stack(_fnorm(self._snap)).to(dev, f64)
-                    num = torch.zeros(L, dtype=f64, device=dev).index_add_(0, idx, dn.square())
-                    den = torch.zeros(L, dtype=f64, device=dev).index_add_(0, idx, sn.square())
-                    put(num.sqrt() / den.sqrt())
+                    L2 += _fnorm(torch._foreach_sub(params, self._snap)) + _fnorm(self._snap)
+                k = len(L2) // len(params)   # 1, or 3 with the snapshot: now, diff, start
+                sq = _stack(L2, dev).to(dev, f64).square().view(k, -1)
+                per = torch.zeros(k, L, dtype=f64, device=dev).index_add_(1, idx, sq).sqrt()
+                put(per[0])
+                if self._snap_valid:
+                    put(per[1] / per[2])
         # losses
         have_loss = bool(self._loss_chunks)
         if have_loss:
             put(torch.cat(self._loss_chunks))
         # activations
-        act_meta: list = []
-        for meta, stacked in self._act_chunks:
-            act_meta.extend(meta)
+        for _, stacked in self._act_chunks:
             put(stacked)
         # temporal
         if self._temporal_result is not None:
@@ -611,22 +589,26 @@ class Probe:
         w_norm = take() if L > 0 else []
         u_ratio = take() if (L > 0 and self._snap_valid) else nan_l
         loss_vals = take() if have_loss else []
-        act_vals: list[float] = []
-        for _ in self._act_chunks:
-            act_vals.extend(take())
+        act_entries: list[tuple] = []   # (meta, s1, norm, count or None)
+        for meta, _ in self._act_chunks:
+            vals = take()
+            n = len(meta)
+            counts = iter(vals[2 * n:])
+            for k, mt in enumerate(meta):
+                cnt = next(counts) if mt[2] != "other" else None
+                act_entries.append((mt, vals[2 * k], vals[2 * k + 1], cnt))
         temporal_vals = take() if self._temporal_result is not None else None
 
         # activation pooling (host, float64): pooled mean / population std over sampled batches
         acc: dict[int, list] = {}
-        for k, (owner, name, kind, numel, units) in enumerate(act_meta):
-            s1, norm, extra = act_vals[3 * k: 3 * k + 3]
+        for (owner, name, kind, numel, units), s1, norm, extra in act_entries:
             a = acc.setdefault(owner, [name, 0.0, 0.0, 0, 0.0, 0.0, 0])
             a[1] += s1
             a[2] += norm * norm
             a[3] += numel
             if kind in ("sigmoid", "tanh"):
                 a[4] += extra
-            elif kind == "relu":
+            elif kind in ("relu", "relu0"):
                 a[5] += (units - extra) / units
             a[6] += 1
 

@@ -724,8 +724,10 @@ def cause(a: Analysis) -> str:
     dead_relu, symmetry, recurrent_vanishing (vanishing); none.
     """
     if a.verdict == "exploding":
+        # a gradient that already grows back through time at init: the recurrent weights
+        # amplify (spectral radius > 1, Pascanu et al. 2013)
         if a.key_name.startswith("temporal") and (
-                "ratio" in a.exploding_reasons or (a.key_init is not None and a.key_init > 1e3)):
+                "ratio" in a.exploding_reasons or (a.key_init is not None and a.key_init > 10.0)):
             return "recurrent"
         # the init is too wide when the output is already blown up before any update (loss at
         # init far above its chance level) or gradients grow towards the input at init

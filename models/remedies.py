@@ -285,7 +285,11 @@ def _momentum(spec: dict) -> float:
 
 
 def weighted_depth(spec: dict) -> int:
-    """Weighted layers on the forward path (repeats expanded)."""
+    """Weighted layers on the forward path (repeats expanded, a recurrent layer unrolled over the
+    sequence: it is applied once per time step)."""
+    data = (spec or {}).get("data") or {}
+    steps = int(data.get("seq_len", 20)) if data.get("name") == "adding" else 1
+
     def count(layers: Any) -> int:
         n = 0
         for layer in layers if isinstance(layers, list) else []:
@@ -296,6 +300,8 @@ def weighted_depth(spec: dict) -> int:
                 n += int(layer.get("times", 1)) * count(layer.get("layers"))
             elif t == "residual":
                 n += count(layer.get("layers"))
+            elif t == "rnn":
+                n += steps * int(layer.get("num_layers", 1))
             elif t in WEIGHTED:
                 n += 1
         return n
@@ -367,23 +373,30 @@ def _patch_orthogonal(spec: dict, with_clip: bool = True) -> list[dict]:
         cur = node.layer.get("recurrent_init")
         name = cur.get("name") if isinstance(cur, dict) else cur
         gain = cur.get("gain", 1.0) if isinstance(cur, dict) else 1.0
-        if name == "orthogonal" and gain == 1.0:
+        # ReLU halves the state's energy at every step: gain sqrt(2) keeps it, as He init does
+        # across layers (Talathi & Vartak 2016; Le et al. 2015 for the identity variant)
+        relu = node.layer.get("cell", "rnn") == "rnn" and node.layer.get("nonlinearity") == "relu"
+        want = {"name": "orthogonal", "gain": 1.4142} if relu else {"name": "orthogonal"}
+        if name == "orthogonal" and gain == want.get("gain", 1.0):
             continue
-        ops.append(_set(node.layer, node.pointer, "recurrent_init", {"name": "orthogonal"}))
+        ops.append(_set(node.layer, node.pointer, "recurrent_init", want))
     if ops and with_clip:
         ops += _patch_clip(spec)
     if ops:
-        ops += _recurrent_optimizer(spec)
+        # a ReLU cell's state is unbounded: smaller steps (Le et al. 2015 trained IRNNs slowly)
+        relu_cell = any(n.layer.get("cell", "rnn") == "rnn" and n.layer.get("nonlinearity") == "relu"
+                        for n in _recurrent_nodes(spec))
+        ops += _recurrent_optimizer(spec, 0.002 if relu_cell else 0.005)
     return ops
 
 
-def _recurrent_optimizer(spec: dict) -> list[dict]:
+def _recurrent_optimizer(spec: dict, lr: float = 0.005) -> list[dict]:
     """Plain SGD cannot follow the gradient of a recurrent net whose per-step gradients differ
     by orders of magnitude; Adam's per-parameter scaling can (the measured fixes of
     benchmark/README.md 01 and 08 use Adam at 2e-3..5e-3)."""
     if _optimizer_name(spec) != "sgd":
         return []
-    return _adam_ops(spec, 0.005)
+    return _adam_ops(spec, lr)
 
 
 def _patch_gated(spec: dict) -> list[dict]:
@@ -413,6 +426,29 @@ def _patch_sequence_readout(spec: dict) -> list[dict]:
         ops.append(_set(layer, f"/network/layers/{i}", "output", "sequence"))
         ops.append({"op": "add", "path": f"/network/layers/{i + 1}", "value": {"type": "flatten"}})
         break  # one insertion: later indices would shift
+    if ops:
+        ops += _recurrent_optimizer(spec)
+    return ops
+
+
+def _patch_lstm_readout(spec: dict) -> list[dict]:
+    """A vanilla RNN becomes an LSTM (orthogonal recurrent init) read out at every step."""
+    layers = ((spec or {}).get("network") or {}).get("layers") or []
+    ops: list[dict] = []
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or layer.get("type") != "rnn" or layer.get("cell", "rnn") != "rnn":
+            continue
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if not isinstance(nxt, dict) or nxt.get("type") != "linear" or layer.get("output") == "sequence":
+            continue
+        p = f"/network/layers/{i}"
+        ops.append(_set(layer, p, "cell", "lstm"))
+        if "nonlinearity" in layer:
+            ops.append({"op": "remove", "path": f"{p}/nonlinearity"})
+        ops.append(_set(layer, p, "recurrent_init", {"name": "orthogonal"}))
+        ops.append(_set(layer, p, "output", "sequence"))
+        ops.append({"op": "add", "path": f"/network/layers/{i + 1}", "value": {"type": "flatten"}})
+        break
     if ops:
         ops += _recurrent_optimizer(spec)
     return ops
@@ -522,6 +558,10 @@ CATALOGUE: dict[str, Remedy] = {r.id: r for r in [
            ["vanishing_gradients"], _patch_sequence_readout,
            "use the whole output sequence: out, _ = rnn(x); y = head(out.flatten(1)) "
            "(nn.Linear(T*hidden, outputs)) instead of out[:, -1]"),
+    Remedy("lstm_sequence_readout", "Use an LSTM and read the output from every time step",
+           ["vanishing_gradients"], _patch_lstm_readout,
+           "replace nn.RNN(...) by nn.LSTM(...) (weight_hh orthogonal) and use the whole output "
+           "sequence: out, _ = lstm(x); y = head(out.flatten(1)); train it with Adam (lr ~5e-3)"),
     Remedy("add_batch_norm", "Add batch normalisation after the hidden layers",
            ["vanishing_gradients", "exploding_gradients", "saturated_activations"],
            lambda s: _patch_norm(s, "batch_norm"),
@@ -584,6 +624,12 @@ RATIONALES: dict[tuple[str, str], str] = {
     ("gated_recurrent_cell", "recurrent"):
         "An LSTM's gates bound the hidden state, so the gradient through time cannot grow "
         "geometrically (Hochreiter & Schmidhuber 1997).",
+    ("lstm_sequence_readout", "recurrent_vanishing"):
+        "The vanilla RNN multiplies dL/dh_t by its recurrent Jacobian at every step back in time, "
+        "so early steps get no gradient; an LSTM carries its state additively (Hochreiter & "
+        "Schmidhuber 1997) and reading every step out gives each step a direct path to the loss.",
+    ("lstm_sequence_readout", "*"):
+        "An LSTM read out at every step gives every time step a short path to the loss.",
     ("sequence_readout", "recurrent_vanishing"):
         "The gradient reaching the early time steps has to cross every later step; reading the "
         "output from every step gives each step a direct path to the loss, so early inputs get "
@@ -642,6 +688,10 @@ ORDER: dict[str, list[str]] = {
 
 def _order_for(cause: str, a: Any) -> list[str]:
     order = list(ORDER.get(cause, []))
+    if cause == "recurrent_vanishing" and a is not None and any(
+            t == "rnn" for t in a.layer_types.values()):
+        # a vanilla cell: its state decays geometrically, a readout alone does not make it learn
+        order = ["lstm_sequence_readout"] + order
     if cause == "init_scale_small" and a is not None and a.saturated:
         order = ["use_relu_he_init"] + [x for x in order if x != "use_relu_he_init"]
     return order
@@ -713,7 +763,8 @@ def recommend(a: Any, findings: list[dict], *, spec: dict | None = None) -> list
 
 def _applicable(rid: str, types: set[str], a: Any) -> bool:
     has_rnn = bool(types & {"rnn", "lstm", "gru"})
-    if rid in ("orthogonal_recurrent_init", "gated_recurrent_cell", "sequence_readout"):
+    if rid in ("orthogonal_recurrent_init", "gated_recurrent_cell", "sequence_readout",
+               "lstm_sequence_readout"):
         return has_rnn
     if rid in ("use_relu_he_init",):
         return bool(types & SATURATING) or bool(getattr(a, "saturating_activations", None))

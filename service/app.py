@@ -8,7 +8,8 @@ from service import problems
 from service.auth import KeyRing, env_digests
 from service.db import Database
 from service.metrics import LatencyMiddleware, make_registry
-from service.routers import health, jobs
+from service.routers import health, jobs, webhooks
+from service.routers import pages
 from service.settings import Settings, get_settings
 
 DESCRIPTION = """\
@@ -31,4 +32,6 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     problems.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(webhooks.router)
+    app.include_router(pages.router)  # HTML: /jobs, /jobs/{id}
     return app

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,8 +29,8 @@ app = typer.Typer(help="gradwatch: are my gradients vanishing or exploding, wher
                   no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-console = Console()
-err = Console(stderr=True)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
 
 EXIT_VERDICT = {"healthy": 0, "vanishing": 3, "exploding": 4}
 UrlOpt = Annotated[str, typer.Option("--url", envvar="GRADWATCH_URL", help="Server URL.")]
@@ -92,9 +94,13 @@ def serve(
     count = 0 if no_worker else workers
     pool = WorkerPool(count)
     pool.start()
+    from service.webhooks import start_dispatcher
+
+    dispatcher = start_dispatcher(settings)  # webhooks go out even with --no-worker
     try:
         uvicorn.run("service.main:app", host=host, port=port, log_level="info")
     finally:
+        dispatcher.stop()
         pool.stop()
 
 
@@ -168,9 +174,13 @@ def _client(url: str, api_key: Optional[str]):  # type: ignore[no-untyped-def]
     return Client(url, api_key)
 
 
-def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {exc}")
+def _fail(exc: Exception | str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {escape(str(exc))}")
     return typer.Exit(code)
+
+
+def _page_url(client: Any, job_id: str) -> str:
+    return f"{getattr(client, 'base_url', '').rstrip('/')}/jobs/{job_id}"
 
 
 @app.command()
@@ -198,55 +208,203 @@ def submit(
     except httpx.HTTPError as exc:
         raise _fail(f"cannot reach {url}: {exc}") from None
     if not wait:
-        console.print_json(data=job) if as_json else console.print(f"submitted job [bold]{job['id']}[/] ({job['status']})")
+        if as_json:
+            print(json.dumps(job, indent=2))
+        else:
+            console.print(f"submitted job [bold]{job['id']}[/] ({job['status']}); "
+                          f"follow it with `gradwatch report {job['id']}` or at {_page_url(client, job['id'])}")
         return
     try:
         job = _follow(client, job)
     except JobFailed as exc:
-        raise _fail(exc, 5) from None
-    report = client.report(job)
-    _show_report(report, as_json)
-    raise typer.Exit(EXIT_VERDICT.get(report["verdict"], 0))
+        err.print(f"[red]the job did not succeed:[/] {escape(str(exc))}")
+        raise typer.Exit(5) from None
+    except KeyboardInterrupt:
+        err.print(f"\nstopped following; the job goes on: `gradwatch report {job['id']}`")
+        raise typer.Exit(130) from None
+    except (GradwatchError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    rep = client.report(job)
+    _show_report(rep, as_json, job=job, page=_page_url(client, job["id"]))
+    raise typer.Exit(EXIT_VERDICT.get(rep["verdict"], 0))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "NaN/Inf"
+    if isinstance(value, float):
+        return f"{value:.3g}" if value and (abs(value) < 1e-3 or abs(value) >= 1e4) else f"{value:.4g}"
+    return str(value)
+
+
+class _Lines:
+    """Progress for logs and pipes (stderr is not a terminal): one line per epoch."""
+
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.last = name, total, ""
+
+    def update(self, epoch: int, loss: str, verdict: str, status: str) -> None:
+        line = f"{self.name}: epoch {epoch}/{self.total}" + (f"  {loss}" if loss else "") + \
+            (f"  {verdict}" if verdict else "") + f"  ({status})"
+        if line != self.last:
+            err.print(line, highlight=False, soft_wrap=True)
+            self.last = line
 
 
 def _follow(client: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Poll the job showing epoch, the last epoch's loss and the verdict so far: a live bar at
+    a terminal, one line per epoch otherwise."""
     epochs = job["progress"]["epochs"] or 1
-    with Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(), TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
-                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err, transient=False) as bar:
-        task = bar.add_task("train", total=epochs, name=job["name"], status=job["status"])
+    state: dict[str, Any] = {"epoch": -1, "loss": "", "verdict": ""}
+    live = err.is_terminal
+    bar = Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(bar_width=24),
+                   TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+                   TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[verdict]}"),
+                   TextColumn("[dim]{task.fields[status]}"), TimeElapsedColumn(),
+                   console=err, transient=False, disable=not live)
+    lines = _Lines(job["name"], epochs)
+    task = bar.add_task("train", total=epochs, name=job["name"], status=job["status"], loss="", verdict="")
 
-        def progress(current: dict[str, Any]) -> None:
-            status = current["status"] + (f" · verdict so far: {current['verdict']}" if current.get("verdict") else "")
-            if current["status"] == "succeeded" and not current.get("report_final", True):
-                status = "verifying remedies"
-            bar.update(task, completed=current["progress"]["epoch"], status=status)
+    def show(epoch: int, status: str) -> None:
+        if live:
+            bar.update(task, completed=epoch, status=status, loss=state["loss"], verdict=state["verdict"])
+        else:
+            lines.update(epoch, state["loss"], state["verdict"], status)
 
+    def progress(current: dict[str, Any]) -> None:
+        status = current["status"]
+        if status == "succeeded" and not current.get("report_final", True):
+            status = "verifying remedies"
+        epoch = current["progress"]["epoch"] or 0
+        if epoch != state["epoch"] and epoch > 0:
+            state["epoch"] = epoch
+            try:  # loss from the epoch records, verdict so far from the partial report
+                records = client.epochs(current)
+                if records:
+                    last = records[-1]
+                    state["loss"] = "loss " + ("[red]NaN/Inf[/]" if last.get("nonfinite") else _fmt(last.get("loss")))
+                verdict = client.report(current).get("verdict")
+                if verdict:
+                    state["verdict"] = f"verdict so far: [{VERDICT_STYLE.get(verdict, 'white')}]{verdict}[/]"
+            except Exception:  # noqa: BLE001 - a missed update must never stop the wait
+                pass
+        show(epoch, status)
+
+    with bar:
         done = client.wait(job, on_progress=progress, poll=0.5)
-        bar.update(task, completed=done["progress"]["epoch"], total=max(epochs, done["progress"]["epoch"] or 1))
+        final_epoch = done["progress"]["epoch"] or 0
+        early = done["status"] == "succeeded" and done.get("source") == "spec" and final_epoch < epochs
+        if live and early:
+            bar.update(task, total=max(1, final_epoch))
+        show(final_epoch, done["status"] + (", stopped early (verdict certain)" if early else ""))
     return done
 
 
 VERDICT_STYLE = {"healthy": "green", "vanishing": "yellow", "exploding": "red"}
+VERDICT_WORDS = {
+    "vanishing": "the gradient shrinks to almost nothing before it reaches the input layers",
+    "exploding": "gradients (or the loss) grow out of control",
+    "healthy": "gradients reach every layer at a sensible size",
+}
+#: finding kinds that make each verdict (the engine lists them first as well)
+DECISIVE = {"vanishing": {"vanishing_gradients"},
+            "exploding": {"nonfinite_loss", "loss_divergence", "exploding_gradients"}, "healthy": set()}
 
 
-def _show_report(report: dict[str, Any], as_json: bool) -> None:
+def _layers_text(layers: list[str], most: int = 3) -> str:
+    if not layers:
+        return ""
+    shown = ", ".join(layers[:most])
+    return shown + (f" and {len(layers) - most} more" if len(layers) > most else "")
+
+
+def _finding(f: dict[str, Any]) -> None:
+    sev = f.get("severity") or ""
+    colour = {"high": "red", "medium": "yellow"}.get(sev, "dim")
+    console.print(f"  • [{colour}]{sev.upper()}[/] [bold]{(f.get('kind') or '').replace('_', ' ')}[/]: "
+                  f"{escape(f.get('message') or '')}")
+    where = []
+    if f.get("layers"):
+        where.append("layers " + _layers_text(f["layers"]))
+    if f.get("epochs"):
+        e = f["epochs"]
+        where.append(f"epochs {e[0]}–{e[-1]}" if len(e) > 1 and e[0] != e[-1] else f"epoch {e[0]}")
+    if where:
+        console.print(f"    [dim]{escape(' · '.join(where))}[/]")
+    evidence = f.get("evidence") or {}
+    if evidence:
+        items = [f"{k} = {_fmt(v) if not isinstance(v, (dict, list)) else json.dumps(v)}" for k, v in list(evidence.items())[:4]]
+        console.print(f"    [dim]evidence: {escape(', '.join(items))}[/]")
+
+
+def _patch_lines(patch: list[dict[str, Any]], spec: dict[str, Any] | None) -> list[str]:
+    """One readable line per JSON Patch operation: `path: old → new`."""
+    import jsonpointer
+
+    lines = []
+    for op in patch:
+        new = json.dumps(op.get("value"), separators=(", ", ": ")) if "value" in op else ""
+        old = None
+        if spec is not None and op.get("op") in ("replace", "remove"):
+            try:
+                old = json.dumps(jsonpointer.resolve_pointer(spec, op["path"]), separators=(", ", ": "))
+            except (jsonpointer.JsonPointerException, KeyError, TypeError):
+                old = None
+        if op.get("op") == "replace" and old is not None:
+            lines.append(f"{op['path']}: {old} → {new}")
+        elif op.get("op") == "add":
+            lines.append(f"{op['path']}: + {new}")
+        elif op.get("op") == "remove":
+            lines.append(f"{op['path']}: − {old or ''}".rstrip())
+        else:
+            lines.append(f"{op.get('op')} {op.get('path')} {new}".rstrip())
+    return lines
+
+
+def _show_report(report: dict[str, Any], as_json: bool, *, job: dict[str, Any] | None = None,
+                 page: str | None = None) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    style = VERDICT_STYLE.get(report["verdict"], "white")
-    console.print(f"[bold {style}]{report['verdict'].upper()}[/] (confidence {report.get('confidence', 0):.2f})"
-                  + ("" if report.get("final") else " [dim](partial)[/]"))
-    console.print(report.get("summary", ""))
-    for finding in report.get("findings", []):
-        console.print(f"  • [{finding.get('severity')}] {finding.get('kind')}: {finding.get('message')}")
-    for rec in report.get("recommendations", []):
-        console.print(f"  {rec['priority']}. [bold]{rec['title']}[/] — {rec.get('rationale', '')}")
+    verdict = report.get("verdict") or ""
+    style = VERDICT_STYLE.get(verdict, "white")
+    console.print()
+    console.print(f"[bold {style}]{verdict.upper()}[/] — {VERDICT_WORDS.get(verdict, '')} "
+                  f"(confidence {report.get('confidence') or 0:.2f})" + ("" if report.get("final") else " [dim](partial: the job is still running)[/]"))
+    if report.get("summary"):
+        console.print(escape(report["summary"]))
+    findings = report.get("findings") or []
+    kinds = DECISIVE.get(verdict, set())
+    decided = [f for f in findings if f.get("kind") in kinds]
+    others = [f for f in findings if f.get("kind") not in kinds]
+    if decided:
+        console.print("\n[bold]Why[/] (the findings that decided it):")
+        for f in decided:
+            _finding(f)
+    if others:
+        console.print("\n[bold]Also found:[/]")
+        for f in others:
+            _finding(f)
+    recs = report.get("recommendations") or []
+    if recs:
+        console.print("\n[bold]What to do[/] (best first):")
+    spec = (job or {}).get("spec")
+    for rec in recs:
+        console.print(f"  {rec['priority']}. [bold]{escape(rec['title'])}[/]")
+        if rec.get("rationale"):
+            console.print(f"     {escape(rec['rationale'])}", style="dim")
         if rec.get("patch"):
-            console.print(f"     patch: {json.dumps(rec['patch'])}", soft_wrap=True)
+            console.print("     patch:")
+            for line in _patch_lines(rec["patch"], spec):
+                console.print(f"       {escape(line)}", soft_wrap=True, highlight=False)
+        elif rec.get("code"):
+            console.print(f"     {escape(rec['code'])}", highlight=False)
         if rec.get("verification"):
             v = rec["verification"]
-            console.print(f"     verified: {v.get('verdict')}, final loss {v.get('final_loss')} vs {v.get('baseline_final_loss')}"
-                          f" ({'improved' if v.get('improved') else 'not improved'})")
+            console.print(f"     verified: {v.get('verdict')}, final loss {_fmt(v.get('final_loss'))} vs "
+                          f"{_fmt(v.get('baseline_final_loss'))} ({'improved' if v.get('improved') else 'not improved'})")
+    if page:
+        console.print(f"\nthe report with its pictures: {page}", highlight=False)
 
 
 @app.command()
@@ -256,14 +414,25 @@ def report(
     url: UrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
-    """Print a job's report (exit code = verdict)."""
+    """Print a job's report (exit code = verdict; 5 if the job failed or was cancelled)."""
+    import httpx
+
     from gradwatch.client import GradwatchError
 
+    client = _client(url, api_key)
     try:
-        rep = _client(url, api_key).report(job_id)
+        job = client.job(job_id)
+        rep = client.report(job_id)
     except GradwatchError as exc:
         raise _fail(exc) from None
-    _show_report(rep, as_json)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach {url}: {exc}") from None
+    _show_report(rep, as_json, job=job, page=None if as_json else _page_url(client, job_id))
+    if job["status"] in ("failed", "cancelled"):
+        if not as_json:
+            error = job.get("error") or {}
+            err.print(f"[red]the job {job['status']}[/]" + (f": {escape(error.get('message') or '')}" if error else ""))
+        raise typer.Exit(5)
     raise typer.Exit(EXIT_VERDICT.get(rep["verdict"], 0))
 
 
@@ -271,22 +440,35 @@ def report(
 def jobs(
     status: Annotated[Optional[str], typer.Option(help="Only jobs with this status.")] = None,
     limit: Annotated[int, typer.Option(help="How many.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON list.")] = False,
     url: UrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
     """List jobs, newest first."""
+    import httpx
+
     from gradwatch.client import GradwatchError
 
     try:
         items = _client(url, api_key).jobs(status=status, limit=limit)
     except GradwatchError as exc:
-        raise _fail(exc) from None
-    table = Table("id", "name", "status", "epoch", "verdict", "created")
+        raise _fail(exc, 2 if exc.status == 422 else 1) from None
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach {url}: {exc}") from None
+    if as_json:
+        print(json.dumps(items, indent=2))
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("id", no_wrap=True)  # what `gradwatch report ID` takes: never broken
+    for column in ("name", "status", "epoch", "verdict", "created (UTC)"):
+        table.add_column(column)
     for j in items:
         verdict = j.get("verdict") or ""
-        table.add_row(j["id"], j["name"], j["status"], f"{j['progress']['epoch']}/{j['progress']['epochs'] or '?'}",
-                      f"[{VERDICT_STYLE.get(verdict, 'white')}]{verdict}[/]", j["created_at"] or "")
-    console.print(table)
+        table.add_row(j["id"], escape(j["name"]), j["status"], f"{j['progress']['epoch']}/{j['progress']['epochs'] or '?'}",
+                      f"[{VERDICT_STYLE.get(verdict, 'white')}]{verdict}[/]",
+                      (j.get("created_at") or "")[:19].replace("T", " "))
+    # A pipe has no width: do not squeeze the table into 80 columns there.
+    (console if console.is_terminal else Console(width=140, highlight=False)).print(table)
 
 
 def main() -> None:

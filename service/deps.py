@@ -28,6 +28,9 @@ def get_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Sess
         yield session
 
 
+KEY_COOKIE = "gradwatch_key"
+SAFE_METHODS = ("GET", "HEAD")
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -44,7 +47,13 @@ def get_tenant(request: Request, session: SessionDep) -> str:
             )
         return DEFAULT_TENANT
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    tenant = keyring.tenant_for(session, key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+    key = key.strip() if scheme.lower() == "bearer" else ""
+    if not key and request.method in SAFE_METHODS:
+        # Browsers: the HTML pages' `?key=` sets this HttpOnly, SameSite=Strict cookie, so the
+        # pages' images, JSON links and status polling work. Reads only: a POST still needs the
+        # header, so a cookie can never be abused to change anything (no CSRF).
+        key = request.cookies.get(KEY_COOKIE, "").strip()
+    tenant = keyring.tenant_for(session, key) if key else None
     if tenant is None:
         raise Problem(
             401, "unauthorized", "Unauthorized", "Send a valid API key as `Authorization: Bearer KEY`.",

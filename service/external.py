@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import update
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service import reports
+from service import reports, webhooks
 from service.epoch_store import load_records, upsert_external
 from service.problems import Problem
 from service.tables import Job, utcnow
@@ -52,5 +54,60 @@ def finish_external(session: Session, job: Job, *, status: str) -> bool:
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).first()
+    if done is not None:
+        webhooks.job_ended(session, job.id)
     session.refresh(job)
     return done is not None
+
+
+def _last_sign_of_life() -> Any:
+    return func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at)
+
+
+def heartbeat(session: Session, job: Job) -> bool:
+    """An external run is alive though it sent no epoch lately (a long epoch): postpones
+    abandonment. False: the job is no longer running."""
+    now = utcnow()
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.source == "external", Job.status == "running")
+        .values(heartbeat_at=now, updated_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    session.refresh(job)
+    return done is not None
+
+
+def reap_abandoned(session: Session, idle_seconds: float, *, limit: int = 50) -> list[str]:
+    """End external jobs that sent nothing (no epoch, no heartbeat) for ``idle_seconds``.
+
+    Such a run's own process died or lost the network for good (W&B calls it "crashed"): the job
+    ends ``failed`` with error code ``abandoned``, and, like a completed one, gets a final report
+    on the epochs that did arrive (verdict set; none if nothing arrived). Later posts get 409.
+    Safe to run from every process at once: each job is ended by one conditional UPDATE that
+    re-checks it is still running and still silent, so a post racing the reaper wins."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=idle_seconds)
+    silent = (Job.source == "external", Job.status == "running", _last_sign_of_life() < cutoff)
+    candidates = list(session.scalars(select(Job).where(*silent).order_by(Job.created_at).limit(limit)))
+    reaped: list[str] = []
+    for job in candidates:
+        records = load_records(session, job.id)
+        report = reports.compute(job, records, final=True) if records else None
+        last = job.heartbeat_at or job.started_at or job.created_at
+        message = (f"the run sent nothing for {idle_seconds:g} s (last at {last.isoformat()}), so it is "
+                   f"taken as crashed; the report is final on the {len(records)} epoch(s) that arrived")
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job.id, *silent)
+            .values(status="failed", error_code="abandoned", error_message=message, report=report,
+                    report_final=True, verdict=report["verdict"] if report else None,
+                    finished_at=now, updated_at=now)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if done is not None:
+            webhooks.job_ended(session, job.id)
+            reaped.append(job.id)
+    return reaped

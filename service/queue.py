@@ -50,7 +50,7 @@ from sqlalchemy import case, delete, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service import epoch_store
+from service import epoch_store, webhooks
 from service.tables import (
     FINAL_STATUSES,
     JOB_SOURCES,
@@ -369,6 +369,8 @@ def finish(
         .returning(Job.id)
         .execution_options(**_NO_SYNC)
     ).first()
+    if row is not None:
+        webhooks.job_ended(session, lease.job_id)  # in this transaction: the webhook is owed atomically
     return row is not None
 
 
@@ -387,9 +389,11 @@ def release(session: Session, lease: Lease) -> bool:
             lease_expires_at=None,
             updated_at=now,
         )
-        .returning(Job.id)
+        .returning(Job.id, Job.status)
         .execution_options(**_NO_SYNC)
     ).first()
+    if row is not None and row.status == "cancelled":
+        webhooks.job_ended(session, lease.job_id)
     return row is not None
 
 
@@ -473,6 +477,8 @@ def reclaim_expired(
         ).first()
         if row is not None and target is not None:
             target.append(job.id)
+        if row is not None and target is not requeued:
+            webhooks.job_ended(session, job.id)  # failed (max_attempts) or cancelled
     return requeued, failed
 
 
@@ -485,7 +491,7 @@ def request_cancel(session: Session, job_id: str, tenant: str) -> Job | None:
     """
     now = utcnow()
     mine = (Job.id == job_id, Job.tenant == tenant)
-    session.execute(
+    ended = session.execute(
         update(Job)
         .where(
             *mine,
@@ -500,8 +506,11 @@ def request_cancel(session: Session, job_id: str, tenant: str) -> Job | None:
             worker_id=None,
             lease_expires_at=None,
         )
+        .returning(Job.id)
         .execution_options(**_NO_SYNC)
-    )
+    ).first()
+    if ended is not None:
+        webhooks.job_ended(session, job_id)
     session.execute(
         update(Job)
         .where(*mine, Job.status == "running", Job.source == "spec")

@@ -71,7 +71,26 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(0.5, gt=0)
     """How long an idle worker sleeps between looks at the queue."""
     external_abandon_seconds: float = Field(3600.0, gt=0)
-    """An external job that sent nothing for this long is considered abandoned."""
+    """An external job that sent nothing (no epoch, no heartbeat) for this long is abandoned:
+    it ends ``failed`` with error code ``abandoned`` and a final report on the epochs that
+    arrived (W&B calls such a run "crashed"). The SDK heartbeats an open run, so a slow epoch
+    is not mistaken for a dead run."""
+
+    # --- webhooks (callback_url; docs/webhooks.md) -----------------------------------------
+    webhook_max_attempts: int = Field(8, ge=1)
+    """Delivery attempts per finished job before giving up (every attempt is stored)."""
+    webhook_backoff_base_seconds: float = Field(2.0, gt=0)
+    """Retry n waits ``base * 2**(n-1)`` seconds (2, 4, 8, ... by default), capped below."""
+    webhook_backoff_max_seconds: float = Field(600.0, gt=0)
+    """The longest wait between two attempts."""
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    """How long a receiver may take to answer one attempt."""
+    webhook_lease_seconds: float = Field(60.0, gt=0)
+    """A claimed delivery whose dispatcher died is sent again by another after this long."""
+    webhook_poll_seconds: float = Field(0.5, gt=0)
+    """How often an idle dispatcher looks for due deliveries (the delivery latency)."""
+    webhook_secret_grace_seconds: float = Field(86400.0, ge=0)
+    """After a rotation the previous secret still signs deliveries (a second ``v1=``) this long."""
 
     # --- spec limits (models.validation.Limits) ---------------------------------------------
     max_parameters: int = Field(20_000_000, ge=1)
@@ -94,6 +113,12 @@ class Settings(BaseSettings):
                 f"GRADWATCH_HEARTBEAT_SECONDS ({self.heartbeat_seconds}) must be shorter than "
                 f"GRADWATCH_LEASE_SECONDS ({self.lease_seconds}), or every lease would expire "
                 "between two heartbeats"
+            )
+        if self.webhook_lease_seconds <= self.webhook_timeout_seconds:
+            raise ValueError(
+                f"GRADWATCH_WEBHOOK_LEASE_SECONDS ({self.webhook_lease_seconds}) must be longer than "
+                f"GRADWATCH_WEBHOOK_TIMEOUT_SECONDS ({self.webhook_timeout_seconds}), or a slow "
+                "receiver would get the same attempt twice"
             )
         return self
 

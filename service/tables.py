@@ -234,3 +234,61 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     current_job_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+
+
+WEBHOOK_STATES = ("pending", "sending", "delivered", "failed")
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing secret (kept in clear: it must sign; show it only to its tenant).
+    After a rotation the previous secret keeps signing until ``previous_expires_at``."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    previous_secret: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    previous_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One delivery attempt of a job's webhook (service/webhooks.py).
+
+    A row is an attempt: ``pending`` until due (``next_attempt_at``), ``sending`` while a
+    dispatcher holds it (claimed like a job, with a lease), then ``delivered`` or ``failed``; a
+    failed attempt with attempts left inserts the next one. ``event_id`` is the same for every
+    attempt of one event (receivers dedupe on it)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    event_id: Mapped[str] = mapped_column(String(36))
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    tenant: Mapped[str] = mapped_column(String(128))
+    event: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    duration_ms: Mapped[float | None] = mapped_column(Float64, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    claimed_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("event_id", "attempt"),
+        CheckConstraint("state IN ('pending', 'sending', 'delivered', 'failed')", name="state"),
+        # claim: WHERE state='pending' AND next_attempt_at <= now (or 'sending' with an expired lease)
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+        # GET /v1/jobs/{id}/deliveries and the job's webhook summary
+        Index("ix_webhook_deliveries_job", "job_id", "attempt"),
+    )

@@ -14,7 +14,26 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
-def job_json(job: Job) -> dict[str, Any]:
+_LOOKUP: Any = object()
+
+
+def _webhook_summary(job: Job) -> dict[str, Any] | None:
+    """The job's webhook delivery summary, read through the session the job belongs to."""
+    if not job.callback_url:
+        return None
+    from sqlalchemy.orm import object_session
+
+    from service import webhooks
+
+    session = object_session(job)
+    if session is None:
+        return None
+    return webhooks.summaries(session, [job])[job.id]
+
+
+def job_json(job: Job, webhook: dict[str, Any] | None = _LOOKUP) -> dict[str, Any]:
+    """``webhook``: the job's delivery summary (service.webhooks.summaries); looked up through
+    the job's session when not given (lists pass it, fetched for every job in one query)."""
     return {
         "id": job.id,
         "name": job.name,
@@ -37,6 +56,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "report_final": bool(job.report_final),
         "time_to_verdict_s": job.time_to_verdict_s,
         "callback_url": job.callback_url,
+        "webhook": _webhook_summary(job) if webhook is _LOOKUP else webhook,
     }
 
 

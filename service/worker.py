@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import queue, reports, verification
+from service import queue, reports, verification, webhooks
 from service.db import Database
 from service.epoch_store import load_records
 from service.settings import Settings
@@ -46,6 +46,8 @@ class Worker:
 
     # -- loop -------------------------------------------------------------------------
     def run_forever(self) -> None:
+        import models.training  # noqa: F401  (torch and the ML stack load now, not on the first job)
+
         with self.db.session() as session:
             queue.register_worker(session, self.id, socket.gethostname(), os.getpid())
         log.info("worker %s started (torch threads: %s)", self.id, self.threads)
@@ -81,19 +83,22 @@ class Worker:
 
     # -- one job ----------------------------------------------------------------------
     def run_job(self, lease: queue.Lease) -> None:
-        from models.training import train  # torch loads in workers, not in the API's import path
+        from models.training import train
         from models.validation import Limits, check_spec
 
+        # Heartbeat from the moment of the claim: a cancel or a lost lease is seen even while
+        # the dataset is being made and the model built.
+        flags = _Flags()
+        beat = threading.Thread(target=self._heartbeat, args=(lease, flags), daemon=True, name="heartbeat")
+        beat.start()
         with self.db.session() as session:
             if not queue.begin_attempt(session, lease):
+                flags.done.set()
                 return
             job = session.get(Job, lease.job_id)
             assert job is not None
             raw_spec = job.spec
         log.info("worker %s: job %s attempt %s", self.id, lease.job_id, lease.attempt)
-        flags = _Flags()
-        beat = threading.Thread(target=self._heartbeat, args=(lease, flags), daemon=True, name="heartbeat")
-        beat.start()
         try:
             spec = check_spec(raw_spec, Limits(**self.settings.limit_kwargs()))
             result = train(
@@ -171,7 +176,10 @@ class Worker:
 
     def _after_child_final(self, job_id: str) -> None:
         with self.db.session() as session:
-            verification.finalize_parent(session, job_id)
+            if verification.finalize_parent(session, job_id):
+                parent_id = session.get(Job, job_id).parent_id  # type: ignore[union-attr]
+                session.flush()
+                webhooks.job_ended(session, parent_id)  # the parent's report just turned final
 
 
 def run_worker(settings: Settings, *, threads: int | None = None, worker_id: str | None = None) -> None:
@@ -183,4 +191,9 @@ def run_worker(settings: Settings, *, threads: int | None = None, worker_id: str
     worker = Worker(Database(settings.database_url), settings, worker_id=worker_id, threads=threads)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())
-    worker.run_forever()
+    # Webhooks and abandoned external jobs are served by every worker too (and by `serve`).
+    dispatcher = webhooks.start_dispatcher(settings, worker.db)
+    try:
+        worker.run_forever()
+    finally:
+        dispatcher.stop()

@@ -59,9 +59,13 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(env: dict[str, str], log_dir: Path, *extra: str) -> tuple[Proc, str]:
-    port = free_port()
-    proc = Proc(["serve", "--host", "127.0.0.1", "--port", str(port), *extra], env, log_dir / f"serve-{port}.log")
+def start_server(env: dict[str, str], log_dir: Path, *extra: str, port: int | None = None) -> tuple[Proc, str]:
+    """`port`: a fixed one (to restart a server where its clients expect it); default a free one."""
+    port = port or free_port()
+    log = log_dir / f"serve-{port}.log"
+    if log.exists():  # a restart on the same port: keep the first run's log
+        log = log_dir / f"serve-{port}-{int(time.time() * 1000)}.log"
+    proc = Proc(["serve", "--host", "127.0.0.1", "--port", str(port), *extra], env, log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

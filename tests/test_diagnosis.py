@@ -219,8 +219,8 @@ FAST_CASES = [  # (spec file, expected verdict): a fast subset of the labelled b
     ("benchmark/cases/03-deep-silu-default-init-teacher.json", "vanishing"),
     ("benchmark/cases/06-elu-xavier-gain3-spirals.json", "exploding"),
     ("benchmark/cases/05-rmsprop-high-lr-spirals.json", "exploding"),
-    ("benchmark/cases/12-sigmoid-3-layer-xavier-blobs.json", "healthy"),
-    ("bench/cases/03-he2015-deep-relu-var1n-nobias-digits.json", "vanishing"),
+    ("bench/cases/30-shallow-sigmoid-digits-sgd.json", "healthy"),
+    ("bench/cases/03-he2015-deep-relu-var1n-nobias-blobs.json", "vanishing"),
 ]
 
 

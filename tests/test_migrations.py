@@ -11,7 +11,7 @@ from service.db import Database, alembic_config, downgrade, normalize_url, upgra
 from service.settings import Settings, get_settings, parse_api_keys
 from service.tables import Base
 
-TABLES = {"jobs", "epochs", "layer_stats", "api_keys", "workers"}
+TABLES = {"jobs", "epochs", "layer_stats", "api_keys", "workers", "webhook_secrets", "webhook_deliveries"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -136,8 +136,19 @@ def test_layers_named_and_typed_in_registration_order():
 
 
 # ----------------------------------------------------------------------------- gradients, weights, loss
+@pytest.fixture(params=["packed", "mixed", "foreach"])
+def layout(request, monkeypatch):
+    """Small gradients are packed per layer, large ones go through _foreach_norm: run the
+    statistics tests with every tensor packed, weights large / biases packed, all large."""
+    import gradwatch._norms as norms_mod
+
+    big = {"packed": norms_mod.BIG, "mixed": 16, "foreach": 0}[request.param]
+    monkeypatch.setattr(norms_mod, "BIG", big)
+    return request.param
+
+
 @pytest.mark.parametrize("every_step", [False, True])
-def test_gradient_weight_and_loss_statistics_match_plain_computation(every_step):
+def test_gradient_weight_and_loss_statistics_match_plain_computation(every_step, layout):
     torch.manual_seed(0)
     model = mlp(nn.Tanh)
     weighted = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -179,7 +190,7 @@ def test_gradient_weight_and_loss_statistics_match_plain_computation(every_step)
             assert lrec["nonfinite_grads"] == 0
 
 
-def test_nan_and_inf_injection():
+def test_nan_and_inf_injection(layout):
     torch.manual_seed(1)
     model = mlp(nn.ReLU)
     weighted = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -247,7 +258,7 @@ def test_all_steps_nonfinite_gives_nulls():
     assert rec["loss"] is None and rec["loss_stats"]["min"] is None
 
 
-def test_missing_gradients_count_as_zero_and_empty_epoch():
+def test_missing_gradients_count_as_zero_and_empty_epoch(layout):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -275,7 +286,7 @@ def test_missing_gradients_count_as_zero_and_empty_epoch():
     assert rec["loss"] is None
 
 
-def test_flush_over_many_steps_keeps_every_step(monkeypatch):
+def test_flush_over_many_steps_keeps_every_step(monkeypatch, layout):
     import gradwatch.probe as probe_mod
 
     monkeypatch.setattr(probe_mod, "_CHUNK_ROWS", 3)  # reduce the per-step rows every 3 steps
@@ -637,3 +648,29 @@ def test_sdk_imports_only_torch_httpx_and_stdlib():
                 continue
             for mod in mods:
                 assert mod.split(".")[0] in allowed, f"{path.name} imports {mod}"
+
+
+def test_heterogeneous_layers_grouped_and_packed(layout):
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 300), nn.Tanh(), nn.Linear(300, 2), nn.Linear(2, 2, bias=False))
+    weighted = [m for m in model.modules() if list(m.parameters(recurse=False))]
+    probe = Probe(model, every_step=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = [(torch.randn(4, 1, 6, 6), torch.randint(0, 2, (4,))) for _ in range(3)]
+    norms, maxabs = [], []
+
+    def on_grads(k):
+        norms.append([layer_norm_now(m) for m in weighted])
+        maxabs.append([layer_maxabs_now(m) for m in weighted])
+
+    run_epoch(model, probe, opt, batches, nn.CrossEntropyLoss(), on_grads=on_grads)
+    rec = probe.end_epoch(1)
+    assert [l["type"] for l in rec["layers"]] == ["conv2d", "batchnorm2d", "linear", "linear",
+                                                  "linear"]
+    for li, lrec in enumerate(rec["layers"]):
+        col = [r[li] for r in norms]
+        assert close(lrec["grad_norm"]["first"], col[0])
+        assert close(lrec["grad_norm"]["mean"], sum(col) / len(col))
+        assert close(lrec["grad_max_abs"], max(r[li] for r in maxabs))

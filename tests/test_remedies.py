@@ -72,7 +72,10 @@ def test_he_init_matches_activation():
 def test_recurrent_patches():
     raw = load("08-relu-rnn")
     p = R.CATALOGUE["orthogonal_recurrent_init"].build(raw)
-    assert p[0] == {"op": "replace", "path": "/network/layers/0/recurrent_init", "value": {"name": "orthogonal"}}
+    # a ReLU cell gets gain sqrt(2); plain SGD becomes Adam
+    assert p[0] == {"op": "replace", "path": "/network/layers/0/recurrent_init",
+                    "value": {"name": "orthogonal", "gain": 1.4142}}
+    assert {"op": "replace", "path": "/training/optimizer", "value": "adam"} in p
     p = R.CATALOGUE["gated_recurrent_cell"].build(raw)
     assert {"op": "remove", "path": "/network/layers/0/nonlinearity"} in p
     check_spec(jsonpatch.apply_patch(raw, p), Limits())
@@ -86,7 +89,9 @@ def test_recurrent_patches():
 
 def test_lower_lr_and_clip():
     raw = load("07-cnn-sgd-momentum")
-    assert R.CATALOGUE["lower_learning_rate"].build(raw) == [{"op": "replace", "path": "/training/lr", "value": 0.05}]
+    # lr/10 = 0.05, capped at (1 - momentum) / depth = 0.1 / 3
+    assert R.CATALOGUE["lower_learning_rate"].build(raw) == [{"op": "replace", "path": "/training/lr", "value": 0.0333}]
+    assert R.weighted_depth(load("08-relu-rnn")) == 21  # the rnn counts once per time step (20) + 1
     raw = load("05-rmsprop-high-lr")  # adaptive optimizer: about 1e-3
     assert R.CATALOGUE["lower_learning_rate"].build(raw)[0]["value"] <= 2e-3
     assert R.CATALOGUE["clip_gradients"].build(raw) == [
