@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 import jsonpatch  # noqa: E402
 
 from bench import label as labeller  # noqa: E402
-from models.diagnosis import autotrainer_verdict, diagnose  # noqa: E402
+from models.diagnosis import analyse, autotrainer_verdict, diagnose  # noqa: E402
 from models.training import train  # noqa: E402
 from models.validation import Limits, check_spec  # noqa: E402
 
@@ -59,6 +59,8 @@ def run_case(name: str, raw: dict, label: str, fix: bool) -> dict:
     out = {"case": name, "label": label, "verdict": report["verdict"], "confidence": report["confidence"],
            "time_s": round(res.time_to_verdict_s, 2), "stopped": res.stopped, "epochs": len(res.records),
            "p1": report["recommendations"][0]["id"] if report["recommendations"] else None}
+    a = analyse(res.records, spec=raw)
+    out["sens_init"], out["key_init"] = a.sens_init, a.key_init
 
     # full run: the baseline, and gradwatch without early stop
     state = {"dead": False}
@@ -90,6 +92,20 @@ def run_case(name: str, raw: dict, label: str, fix: bool) -> dict:
     return out
 
 
+def warm_up() -> None:
+    """First-use costs (scikit-learn's dataset import, kernel set-up) are paid once by a worker
+    process, so they are kept out of the per-case timings."""
+    tiny = {"network": {"layers": [{"type": "conv2d", "out_channels": 2, "kernel_size": 3},
+                                   {"type": "relu"}, {"type": "flatten"},
+                                   {"type": "linear", "out_features": 10}]},
+            "data": {"name": "digits", "shape": "image", "n_samples": 64},
+            "training": {"epochs": 1, "batch_size": 32}}
+    train(check_spec(tiny, Limits()), device="cpu")
+    rnn = {"network": {"layers": [{"type": "rnn", "cell": "lstm", "hidden_size": 4}, {"type": "linear", "out_features": 1}]},
+           "data": {"name": "adding", "seq_len": 5, "n_samples": 64}, "training": {"epochs": 1}}
+    train(check_spec(rnn, Limits()), device="cpu")
+
+
 def summarise(rows: list[dict], engine: str, time_key: str) -> dict:
     n = len(rows)
     correct = sum(r[engine] == r["label"] for r in rows)
@@ -114,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cases = load_cases(args.only)
+    warm_up()
     rows = []
     t0 = time.perf_counter()
     print(f"{'case':62s} {'label':9s} {'gradwatch':9s} {'conf':>5s} {'t(s)':>5s} {'ep':>3s} "
@@ -149,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'median time to verdict (all)':34s} {gw['median_time_s']:>12.2f} s {at['median_time_s']:>12.2f} s")
     print(f"{'median time to verdict (sick)':34s} {gw['median_time_sick_s']:>12.2f} s {at['median_time_sick_s']:>12.2f} s")
     print(f"{'gradwatch verdict on full runs':34s} {full_ok:>5d}/{len(rows):<3d}")
+    hs = [r["sens_init"] for r in rows if r["label"] == "healthy" and r["sens_init"] is not None]
+    if hs:
+        print(f"loss sensitivity ||g||*||W||/loss at init: healthy cases min {min(hs):.2g}, max {max(hs):.2g} "
+              f"(collapse threshold {analyse([]).th['collapse_sensitivity']:g})")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "gradwatch": gw, "autotrainer": at,
                                                "fixed": fixed}, indent=1))

@@ -9,7 +9,7 @@ training; the figure printed is the median of those ratios over the rounds ("med
 "amortised" is the honest total: mean step time including the probe's once-per-epoch work
 (end_epoch, the temporal unroll, the weight snapshot), every `--epoch` steps, / plain mean.
 
-Variants: plain; probe (default, sample stride 8); probe every_step=True; the anchors
+Variants: plain; probe (default: sample stride 16); probe every_step=True; the anchors
 "naive" (per-parameter .norm().item() every step) and "hist" (per-step gradient histograms,
 64 bins per parameter, what wandb.watch(log="gradients", log_freq=1) computes).
 

@@ -1,16 +1,16 @@
 """gradwatch.Probe: cheap per-step gradient / weight / activation statistics -> epoch records.
 
-Cost model (what keeps it cheap):
-- every step: one fused ``torch._foreach_norm`` over all gradients and one ``torch.stack`` that
-  writes those per-tensor norms plus the detached loss into a row of a preallocated device
-  buffer. No host sync, no per-layer Python work, and no tensor objects piling up (which would
-  make Python's garbage collector the dominant cost). The per-tensor -> per-layer segment sums
-  and the non-finite checks run on whole chunks of rows (every 256 steps / at ``end_epoch``).
+Cost model (what keeps it cheap; see bench/overhead.py):
+- every step: the per-layer gradient norms in a handful of dispatched ops (gradwatch/_norms.py:
+  small gradients packed per layer by one ``flatten_dense_tensors`` + one ``vector_norm``, large
+  ones through the fused ``torch._foreach_norm``), written with the detached loss into a row of
+  a preallocated device buffer. No host sync, no per-layer Python work, no tensors left alive
+  per step. Non-finite gradients show as a non-finite norm: the count is taken from the rows.
 - every ``sample_stride``-th step (the epoch's first step included): max |g| and the activation
-  statistics. The activation forward hooks are only *registered* for the sampled forward, so an
-  unsampled step pays nothing for them (a module with hooks takes PyTorch's slow call path).
+  statistics. The activation forward hooks are only present for the sampled forward (a module
+  with hooks takes PyTorch's slow call path), toggled by a dict insert / pop.
 - once per epoch: the weight snapshot for the update ratio (``_foreach_copy_``), the temporal
-  profile (one batch), and one device->host transfer in ``end_epoch``.
+  profile (one batch, gradwatch/_temporal.py), and one device->host transfer in ``end_epoch``.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from gradwatch import _temporal
 from gradwatch._norms import NormPlan
 
-DEFAULT_SAMPLE_STRIDE = 8
+DEFAULT_SAMPLE_STRIDE = 16
 _CHUNK_ROWS = 256  # per-step rows kept before they are reduced to per-layer values
+_HOST_STATS = 1 << 17  # [steps x layers] values up to which epoch statistics are host-side
 _ACT_FLUSH = 1024  # activation entries kept before they are stacked into one tensor
 
 # Activation modules. kind: "relu" (ReLU family: dead_frac; "relu0" when the output is >= 0),
@@ -98,7 +99,7 @@ class Probe:
     and ``opt.step()``); ``end_epoch(epoch)`` returns the epoch record (docs/API.md).
 
     ``every_step=True`` computes every statistic on every step (``sample_stride`` 1); by default
-    max |g| and the activation statistics are taken every ``sample_stride``-th step (8), and the
+    max |g| and the activation statistics are taken every ``sample_stride``-th step (16), and the
     record says so. Gradient norms, the non-finite checks and the loss are taken on every step.
     """
 
@@ -136,7 +137,6 @@ class Probe:
                 self._act_modules.append((name or "root", mod, kind))
         self._slot_layer = slot_layer
         self._n_layers = len(self._layer_names)
-        self._low_precision = any(p.dtype in _LOW_PRECISION for p in self._params)
         self._index_cache: dict[torch.device, Tensor] = {}
 
         # ---- temporal: the first recurrent module
@@ -173,12 +173,13 @@ class Probe:
         if loss is None:
             lt = self._nan
             self._no_loss.append(i)
-        elif isinstance(loss, Tensor):
-            lt = loss.detach()
-            if lt.dim() != 0:
-                lt = lt.float().mean()
         else:
-            lt = torch.tensor(float(loss))
+            try:
+                lt = loss.detach()
+                if lt.ndim:
+                    lt = lt.float().mean()
+            except AttributeError:  # a Python number
+                lt = torch.tensor(float(loss))
         rows = self._rows
         if rows is None:
             rows = self._make_rows()
@@ -285,9 +286,12 @@ class Probe:
         rows = self._rows.take()                        # [r, width] float64
         self._loss_chunks.append(rows[:, -1])
         if self._n_layers:
-            sq = torch.zeros(rows.shape[0], self._n_layers, dtype=torch.float64,
-                             device=rows.device)
-            sq.index_add_(1, self._cols_layer, rows[:, :-1].square())
+            if self._plan.cols_layer == list(range(self._n_layers)):  # one column per layer
+                sq = rows[:, :-1].square()
+            else:
+                sq = torch.zeros(rows.shape[0], self._n_layers, dtype=torch.float64,
+                                 device=rows.device)
+                sq.index_add_(1, self._cols_layer, rows[:, :-1].square())
             self._sq_chunks.append(sq)
 
     def _take_max_rows(self) -> None:
@@ -295,8 +299,14 @@ class Probe:
         plan = self._plan
         n_packed = plan.big_cols[0]
         nb = len(plan.big)
-        big = torch.maximum(rows[:, n_packed:n_packed + nb], -rows[:, n_packed + nb:])
-        absmax = torch.cat([rows[:, :n_packed], big], dim=1)  # NaN propagates
+        if nb:
+            big = torch.maximum(rows[:, n_packed:n_packed + nb], -rows[:, n_packed + nb:])
+            absmax = torch.cat([rows[:, :n_packed], big], dim=1)  # NaN propagates
+        else:
+            absmax = rows
+        if plan.max_cols_layer == list(range(self._n_layers)):  # one column per layer
+            self._max_chunks.append(absmax)
+            return
         idx = self._max_cols_layer.expand(rows.shape[0], -1)
         out = torch.zeros(rows.shape[0], self._n_layers, dtype=torch.float64, device=rows.device)
         out.scatter_reduce_(1, idx, absmax, "amax", include_self=False)
@@ -396,13 +406,13 @@ class Probe:
     def _take_act_entries(self) -> None:
         """Stack the queued activation reductions: floats (sum, norm per entry) and counts
         (one per entry that has one) -> one float64 tensor, floats first."""
-        parts = [torch.stack(self._act_vals).double()]
+        dev = self._device()
+        parts = [_stack(self._act_vals, dev).double()]
         if self._act_counts:
-            parts.append(torch.stack(self._act_counts).double())
+            parts.append(_stack(self._act_counts, dev).double())
         try:
             stacked = torch.cat(parts)
         except RuntimeError:  # several devices
-            dev = self._device()
             stacked = torch.cat([p.to(dev) for p in parts])
         self._act_chunks.append((self._act_meta, stacked))
         self._act_meta, self._act_vals, self._act_counts = [], [], []
@@ -523,27 +533,37 @@ class Probe:
             out.append(t)
             sizes.append(t.numel())
 
-        # gradient norms [S, L]: statistics over the steps whose norm is finite
+        # gradient norms [S, L]: statistics over the steps whose norm is finite. Usually
+        # small: then the raw per-step values cross to the host and the statistics are plain
+        # Python (a few dozen tiny device ops cost more than that); else reduced on the device.
         have_grads = bool(self._sq_chunks) and L > 0
+        host_grads = False
         if have_grads:
-            norms = torch.cat(self._sq_chunks).sqrt()
-            fin = torch.isfinite(norms)
-            cnt = fin.sum(0)
-            inf = torch.full_like(norms, math.inf)
-            put(torch.where(fin, norms, 0.0).sum(0) / cnt)              # mean (nan if cnt 0)
-            put(torch.where(fin, norms, inf).amin(0))                    # min
-            put(torch.where(fin, norms, -inf).amax(0))                   # max
-            put(norms[0])                                                # first
-            put(norms[-1])                                               # last
-            srt = torch.where(fin, norms, inf).sort(0).values
-            lo = ((cnt - 1).clamp(min=0) // 2).unsqueeze(0)
-            hi = (cnt // 2).clamp(max=norms.shape[0] - 1).unsqueeze(0)
-            put((srt.gather(0, lo) + srt.gather(0, hi)).squeeze(0) / 2)  # median
-            put(norms.shape[0] - cnt)                                    # nonfinite steps
+            sq = torch.cat(self._sq_chunks)
+            host_grads = sq.numel() <= _HOST_STATS
+            if host_grads:
+                put(sq)
+            else:
+                norms = sq.sqrt()
+                fin = torch.isfinite(norms)
+                cnt = fin.sum(0)
+                inf = torch.full_like(norms, math.inf)
+                put(torch.where(fin, norms, 0.0).sum(0) / cnt)              # mean
+                put(torch.where(fin, norms, inf).amin(0))                    # min
+                put(torch.where(fin, norms, -inf).amax(0))                   # max
+                put(norms[0])                                                # first
+                put(norms[-1])                                               # last
+                srt = torch.where(fin, norms, inf).sort(0).values
+                lo = ((cnt - 1).clamp(min=0) // 2).unsqueeze(0)
+                hi = (cnt // 2).clamp(max=norms.shape[0] - 1).unsqueeze(0)
+                put((srt.gather(0, lo) + srt.gather(0, hi)).squeeze(0) / 2)  # median
+                put(norms.shape[0] - cnt)                                    # nonfinite
         have_max = bool(self._max_chunks) and L > 0
+        host_max = False
         if have_max:
             mx = torch.cat(self._max_chunks)
-            put(torch.where(torch.isfinite(mx), mx, -math.inf).amax(0))
+            host_max = mx.numel() <= _HOST_STATS
+            put(mx if host_max else torch.where(torch.isfinite(mx), mx, -math.inf).amax(0))
         # weights
         if L > 0:
             with torch.no_grad():
@@ -580,12 +600,41 @@ class Probe:
             return vals
 
         nan_l = [math.nan] * L
-        if have_grads:
+        if have_grads and host_grads:
+            raw = take()
+            g_mean, g_min, g_max, g_first, g_last, g_med, g_bad = [], [], [], [], [], [], []
+            for li in range(L):
+                col = [math.sqrt(v) for v in raw[li::L]]
+                fin = sorted(v for v in col if math.isfinite(v))
+                n = len(fin)
+                g_first.append(col[0])
+                g_last.append(col[-1])
+                g_bad.append(len(col) - n)
+                if n:
+                    g_mean.append(math.fsum(fin) / n)
+                    g_min.append(fin[0])
+                    g_max.append(fin[-1])
+                    g_med.append((fin[(n - 1) // 2] + fin[n // 2]) / 2)
+                else:
+                    g_mean.append(math.nan)
+                    g_min.append(math.nan)
+                    g_max.append(math.nan)
+                    g_med.append(math.nan)
+        elif have_grads:
             g_mean, g_min, g_max, g_first, g_last, g_med, g_bad = (take() for _ in range(7))
         else:
             g_mean = g_min = g_max = g_first = g_last = g_med = nan_l
             g_bad = [0.0] * L
-        g_abs = take() if have_max else nan_l
+        if have_max and host_max:
+            raw = take()
+            g_abs = []
+            for li in range(L):
+                fin = [v for v in raw[li::L] if math.isfinite(v)]
+                g_abs.append(max(fin) if fin else math.nan)
+        elif have_max:
+            g_abs = take()
+        else:
+            g_abs = nan_l
         w_norm = take() if L > 0 else []
         u_ratio = take() if (L > 0 and self._snap_valid) else nan_l
         loss_vals = take() if have_loss else []

@@ -138,6 +138,7 @@ class Analysis:
     sens_init: float | None = None
     sens: list[float | None] = field(default_factory=list)
     max_grad_init: float | None = None
+    last_update_ratio: float | None = None  # max over weighted layers, last epoch
     grad_growth: dict[str, float] = field(default_factory=dict)
     zero_first_grad_epochs: list[int] = field(default_factory=list)
     zero_weight_layers: list[str] = field(default_factory=list)
@@ -160,6 +161,7 @@ class Analysis:
     init_loss_over_chance: float | None = None  # loss at init / its no-information level
     init_loss_limit: float = 5.0
     # decisions
+    small_layers: list[str] = field(default_factory=list)
     exploding_reasons: list[str] = field(default_factory=list)
     vanishing_reasons: list[str] = field(default_factory=list)
     verdict: str = "healthy"
@@ -306,7 +308,12 @@ def analyse(records: list[dict], *, spec: dict | None = None,
         return best
 
     a.sens_init = sensitivity(r0, "first", a.init_loss)
+    if a.sens_init is None:  # records without grad_norm.first (minimal external records)
+        a.sens_init = sensitivity(r0, "mean", _num(r0.get("loss")))
     a.sens = [sensitivity(r, "mean", loss) for r, loss in zip(records, a.losses)]
+    ups = [_num(_get(layer_of(records[-1], n), "update_ratio")) for n in a.weighted]
+    ups = [u for u in ups if u is not None]
+    a.last_update_ratio = max(ups) if ups else None
     grads0 = [_num(_get(layer_of(r0, n), "grad_norm", "first")) for n in a.weighted]
     grads0 = [g for g in grads0 if g is not None]
     a.max_grad_init = max(grads0) if grads0 else None
@@ -425,8 +432,9 @@ def _decide(a: Analysis) -> None:
         ex.append("nonfinite")
     if a.divergence_epochs or a.spike_epochs:
         ex.append("loss_divergence")
-    if _all_above(a.key_ratios, er):
-        ex.append("ratio")
+    if _all_above(a.key_ratios, er) or (a.key_name.startswith("temporal")
+                                        and _all_above(a.ratios, th["exploding_ratio"])):
+        ex.append("ratio")  # benchmark/README.md: the first/last OR the temporal ratio
     not_improving = a.loss_frac is None or a.loss_frac >= 1.0
     if a.grad_growth and max(a.grad_growth.values()) > th["grad_growth_factor"] and not_improving:
         ex.append("grad_growth")
@@ -466,6 +474,10 @@ def verdict_is_certain(records: list[dict], thresholds: dict | None = None) -> b
     if "ratio" in a.exploding_reasons:
         return True
     if a.verdict == "vanishing" and a.progress_stalled:
+        if a.vanishing_reasons == ["collapse"]:
+            # the ratio looks normal, so nothing in the labelled criteria rules out a later
+            # escape: only stop once the weights are not moving either
+            return a.last_update_ratio is not None and a.last_update_ratio < a.th["certain_update_ratio"]
         return True
     return False
 
@@ -536,11 +548,11 @@ def _findings(a: Analysis) -> list[dict]:
             msg = (f"The gradient through time vanishes: ||dL/dh_1|| / ||dL/dh_T|| is at most "
                    f"{_fmt(max(key_vals))} in every epoch (limit {_fmt(th['temporal_vanishing_ratio'])}), "
                    "so early inputs cannot influence learning, and the model learns little.")
-        elif "ratio" in a.vanishing_reasons:
+        elif "ratio" in a.vanishing_reasons and max(key_vals) > 0:
             msg = (f"The first layer's gradient is at most {_fmt(max(key_vals))} of the last "
                    f"layer's in every epoch and at initialisation (limit {_fmt(th['vanishing_ratio'])}), "
                    "and the model learns little.")
-        elif "zero_first_grad" in a.vanishing_reasons:
+        elif "zero_first_grad" in a.vanishing_reasons or "ratio" in a.vanishing_reasons:
             msg = "The first layer gets exactly zero gradient in every epoch and the model learns little."
         else:
             msg = ("Every layer's gradient is tiny relative to its weights (loss sensitivity "
@@ -550,24 +562,36 @@ def _findings(a: Analysis) -> list[dict]:
                    "collapsed and it learns little.")
         out.append({"kind": "vanishing_gradients", "severity": "high", "layers": layers,
                     "epochs": _epoch_range(a.epochs), "evidence": ev, "message": msg})
-    for name, (frac, eps, module) in a.saturated.items():
-        sev = "high" if a.verdict == "vanishing" else ("medium" if len(eps) == len(a.epochs) else "low")
+    if a.saturated:
+        frac = max(v[0] for v in a.saturated.values())
+        eps = sorted({e for v in a.saturated.values() for e in v[1]})
+        every = any(len(v[1]) == len(a.epochs) for v in a.saturated.values())
+        sev = "high" if a.verdict == "vanishing" else ("medium" if every else "low")
+        names = sorted(a.saturated, key=a.layer_names.index)
+        modules = [a.saturated[n][2] for n in names]
         out.append({
-            "kind": "saturated_activations", "severity": sev, "layers": [name],
+            "kind": "saturated_activations", "severity": sev, "layers": names,
             "epochs": _epoch_range(eps),
-            "evidence": {"saturated_frac": _clean(frac), "activation_module": module,
+            "evidence": {"max_saturated_frac": _clean(frac), "activation_modules": modules,
                          "threshold": th["saturation_frac"]},
-            "message": (f"{_clean(frac * 100)}% of the outputs of {module or 'the activation after ' + name} "
-                        "sit within 0.01 of the activation's asymptotes, where its derivative is ~0."),
+            "message": (f"Up to {_clean(frac * 100)}% of the outputs of {len(names)} sigmoid/tanh "
+                        f"layer(s) ({modules[0]}{', ...' if len(names) > 1 else ''}) sit within 0.01 "
+                        "of the asymptotes, where the derivative is ~0."),
         })
-    for name, (frac, eps, module) in a.dead.items():
-        sev = "high" if frac >= 0.95 else ("medium" if len(eps) == len(a.epochs) else "low")
+    if a.dead:
+        frac = max(v[0] for v in a.dead.values())
+        eps = sorted({e for v in a.dead.values() for e in v[1]})
+        every = any(len(v[1]) == len(a.epochs) for v in a.dead.values())
+        sev = "high" if frac >= 0.95 else ("medium" if every else "low")
+        names = sorted(a.dead, key=a.layer_names.index)
         out.append({
-            "kind": "dead_relu", "severity": sev, "layers": [name],
+            "kind": "dead_relu", "severity": sev, "layers": names,
             "epochs": _epoch_range(eps),
-            "evidence": {"dead_frac": _clean(frac), "activation_module": module,
+            "evidence": {"max_dead_frac": _clean(frac),
+                         "dead_frac": {n: _clean(a.dead[n][0]) for n in names},
                          "threshold": th["dead_relu_frac"]},
-            "message": (f"{_clean(frac * 100)}% of the units after {name} output <= 0 for every "
+            "message": (f"Up to {_clean(frac * 100)}% of the units after {len(names)} layer(s) "
+                        f"({names[0]}{', ...' if len(names) > 1 else ''}) output <= 0 for every "
                         "sample of a batch: they pass no gradient."),
         })
     sym_layers = list(a.zero_weight_layers)
@@ -607,7 +631,7 @@ def _vanishing_layers(a: Analysis) -> list[str]:
         return [a.temporal_layer] if a.temporal_layer else [n for n in a.weighted if a.layer_types[n] in RECURRENT_TYPES][:1]
     if "collapse" in a.vanishing_reasons and "ratio" not in a.vanishing_reasons:
         return list(a.weighted)
-    return list(a._small_layers) if getattr(a, "_small_layers", None) else [a.first] if a.first else []
+    return list(a.small_layers) if a.small_layers else ([a.first] if a.first else [])
 
 
 def _exploding_layers(a: Analysis) -> list[str]:
@@ -652,7 +676,7 @@ def _mark_small_layers(a: Analysis, records: list[dict]) -> None:
                 rs.append(v)
         if rs and sorted(rs)[len(rs) // 2] < a.th["vanishing_ratio"]:
             small.append(n)
-    a._small_layers = small or ([a.first] if a.first else [])  # type: ignore[attr-defined]
+    a.small_layers = small or ([a.first] if a.first else [])
 
 
 def _confidence(a: Analysis, final: bool) -> float:

@@ -102,6 +102,12 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
         "epochs, with no loss progress, before training stops early (non-finite loss and loss "
         "divergence stop at once).",
     ),
+    "certain_update_ratio": (
+        1e-2,
+        "a whole-network collapse (ratio near 1) is only certain for early stop while no layer's "
+        "weights moved by more than 1% over the last epoch (update_ratio): a net that can still "
+        "escape the collapse must be moving.",
+    ),
     "certain_progress_rel": (
         0.05,
         "'no loss progress' for early stop: the last epoch's mean loss is not below 95% of the "

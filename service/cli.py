@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -97,11 +98,19 @@ def serve(
     from service.webhooks import start_dispatcher
 
     dispatcher = start_dispatcher(settings)  # webhooks go out even with --no-worker
+    # uvicorn shuts down gracefully on SIGTERM, restores the handler it found and raises the
+    # signal again: with the default handler that kills this process before `finally`, leaving
+    # the worker processes orphaned. This handler turns it into an exit that runs `finally`.
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     try:
         uvicorn.run("service.main:app", host=host, port=port, log_level="info")
     finally:
         dispatcher.stop()
         pool.stop()
+
+
+def _exit_after_shutdown(signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
 
 
 class WorkerPool:
@@ -114,7 +123,7 @@ class WorkerPool:
         self._stopping = threading.Event()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "GRADWATCH_WORKERS_ON_MACHINE": str(self.count)}
+        env = {**os.environ, "GRADWATCH_WORKERS_ON_MACHINE": str(self.count), "GRADWATCH_PARENT_PID": str(os.getpid())}
         return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env)
 
     def start(self) -> None:

@@ -114,8 +114,11 @@ def layer_names(records: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def gradient_flow_png(title: str, records: list[dict[str, Any]], verdict: str | None = None) -> bytes:
-    """Layers (input side at the bottom) x epochs; colour = log10 of the epoch-mean gradient norm."""
+def gradient_flow_png(title: str, records: list[dict[str, Any]], verdict: str | None = None,
+                      layer_verdicts: dict[str, str] | None = None) -> bytes:
+    """Layers (input side at the bottom) x epochs; colour = log10 of the epoch-mean gradient norm.
+    `layer_verdicts` ({name: "vanishing"|"exploding"|"healthy"}, the report's `layers`) colours
+    the names of the layers the report blames."""
     _matplotlib()
     names = layer_names(records)
     epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(records)]
@@ -162,6 +165,14 @@ def gradient_flow_png(title: str, records: list[dict[str, Any]], verdict: str | 
     step = max(1, math.ceil(n_rows / 60))
     rows = list(range(0, n_rows, step))
     ax.set_yticks(rows, [names[r] for r in rows], fontsize=8 if n_rows > 24 else 9)
+    blamed = {"vanishing": VANISHING_COLOUR, "exploding": NONFINITE_COLOUR}
+    flagged = set()
+    for label, r in zip(ax.get_yticklabels(), rows):
+        colour = blamed.get((layer_verdicts or {}).get(names[r], ""))
+        if colour:
+            label.set_color(colour)
+            label.set_fontweight("bold")
+            flagged.add((layer_verdicts or {})[names[r]])
     ax.set_xlabel("epoch")
     ax.set_ylabel("layer  (input at the bottom)")
     ax.set_title(fig_title, fontsize=12, fontweight="bold")
@@ -182,6 +193,8 @@ def gradient_flow_png(title: str, records: list[dict[str, Any]], verdict: str | 
         legend.append(Patch(facecolor=cmap(0.0), edgecolor="#444", label=f"zero, or below 1e{int(lo)}"))
     if nonfinite:
         legend.append(Patch(facecolor="white", edgecolor=NONFINITE_COLOUR, hatch="xxx", label="NaN/Inf gradient in that epoch"))
+    for kind in sorted(flagged):
+        legend.append(Patch(facecolor=blamed[kind], edgecolor="none", label=f"name in bold: the report finds it {kind}"))
     bad_cells = set(nonfinite)
     if any(math.isnan(v) and (r, c) not in bad_cells for r, row in enumerate(grid) for c, v in enumerate(row)):
         legend.append(Patch(facecolor=MISSING_COLOUR, edgecolor="#444", label="no data"))
@@ -387,6 +400,10 @@ def job_plot_response(request: Any, session: Any, job: Any, plot: str) -> Any:
         if plot == "temporal" and not has_temporal(records) and not (
                 mentions_recurrent(job.spec) or mentions_recurrent(job.declared_layers)):
             return b""  # cached too: a final job never grows a recurrent layer
+        if plot == "gradient-flow" and final and isinstance(job.report, dict):
+            blamed = {layer.get("name"): layer.get("verdict") for layer in job.report.get("layers") or []
+                      if isinstance(layer, dict)}
+            return gradient_flow_png(job.name, records, job.verdict, blamed)
         return PLOTS[plot](job.name, records, job.verdict if final else None)
 
     if final:

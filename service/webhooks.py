@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import and_, event, insert, or_, select, update
+from sqlalchemy import and_, event, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -444,7 +444,7 @@ class Dispatcher:
                     error = f"HTTP {status_code}" + (f": {text}" if text else "")
         except httpx.TimeoutException:
             error = f"timeout: no answer within {self.settings.webhook_timeout_seconds} s"
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # refused, reset, bad URL...: a failed attempt, never a stuck row
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         duration_ms = (time.perf_counter() - started) * 1000.0
         s = self.settings

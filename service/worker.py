@@ -6,9 +6,11 @@ a worker's lease was reclaimed, its writes match no row and it stops without tou
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import sys
 import socket
 import threading
 import uuid
@@ -182,6 +184,28 @@ class Worker:
                 webhooks.job_ended(session, parent_id)  # the parent's report just turned final
 
 
+def _die_with_parent(worker: Worker) -> None:
+    """Workers started by `gradwatch serve` stop when it dies, however it dies (even SIGKILL):
+    the kernel sends SIGTERM on Linux (PR_SET_PDEATHSIG), and a parent-pid watch covers the
+    rest. An orphan would go on claiming jobs for an API nobody runs any more."""
+    parent = os.environ.get("GRADWATCH_PARENT_PID")
+    if not parent:
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while not worker.stop.wait(1.0):
+            if os.getppid() != int(parent):
+                log.warning("worker %s: parent %s is gone; stopping", worker.id, parent)
+                worker.stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def run_worker(settings: Settings, *, threads: int | None = None, worker_id: str | None = None) -> None:
     """Process entry point: SIGTERM/SIGINT finish the current step and release the job."""
     import torch
@@ -191,6 +215,7 @@ def run_worker(settings: Settings, *, threads: int | None = None, worker_id: str
     worker = Worker(Database(settings.database_url), settings, worker_id=worker_id, threads=threads)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())
+    _die_with_parent(worker)
     # Webhooks and abandoned external jobs are served by every worker too (and by `serve`).
     dispatcher = webhooks.start_dispatcher(settings, worker.db)
     try:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -166,7 +165,7 @@ def test_saturation_and_dead_relu_findings():
     rep = diagnose(recs, final=True)
     kinds = {f["kind"]: f for f in rep["findings"]}
     assert rep["verdict"] == "healthy"
-    assert kinds["saturated_activations"]["evidence"]["activation_module"] == "layers.1.sigmoid"
+    assert kinds["saturated_activations"]["evidence"]["activation_modules"] == ["layers.1.sigmoid"]
     assert kinds["dead_relu"]["severity"] == "high"
     assert rep["recommendations"]  # something minor was found
 

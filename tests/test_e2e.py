@@ -185,3 +185,35 @@ def test_cancel_stops_a_running_job_within_seconds(tmp_path: Path, logs: Path) -
 def pg_url(postgres_schema) -> str:  # type: ignore[no-untyped-def]
     """A new empty PostgreSQL schema; `gradwatch serve` migrates it on start."""
     return postgres_schema()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the worker processes")
+def test_embedded_workers_do_not_outlive_a_killed_serve(tmp_path: Path, logs: Path) -> None:
+    env = {"GRADWATCH_DATABASE_URL": f"sqlite:///{tmp_path}/gradwatch.db"}
+    server, _ = start_server(env, logs, "--workers", "2")
+    workers = wait_for(lambda: len(kids := _children(server.pid)) == 2 and kids, timeout=30, what="two workers")
+    server.popen.send_signal(signal.SIGKILL)  # serve only: no cleanup code of its own runs
+    server.popen.wait(10)
+    wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=15, what="orphaned workers to stop")
+    server.stop()

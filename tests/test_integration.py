@@ -117,7 +117,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 def test_sdk_example_gets_the_right_verdicts_through_a_server_restart(served: Served, tmp_path: Path) -> None:
     url = served.url
     runs: dict[str, Example] = {}
-    epochs = {"vanishing": 6, "exploding": 8}
+    epochs = {"vanishing": 20, "exploding": 10}  # the vanishing run trains on through the outage
     t0 = time.monotonic()
     try:
         for kind, n in epochs.items():

@@ -139,11 +139,16 @@ def test_layers_named_and_typed_in_registration_order():
 @pytest.fixture(params=["packed", "mixed", "foreach"])
 def layout(request, monkeypatch):
     """Small gradients are packed per layer, large ones go through _foreach_norm: run the
-    statistics tests with every tensor packed, weights large / biases packed, all large."""
+    statistics tests with every tensor packed, weights large / biases packed, all large (and
+    then the epoch statistics computed on the device instead of the host)."""
     import gradwatch._norms as norms_mod
+
+    import gradwatch.probe as probe_mod
 
     big = {"packed": norms_mod.BIG, "mixed": 16, "foreach": 0}[request.param]
     monkeypatch.setattr(norms_mod, "BIG", big)
+    if request.param == "foreach":  # and the epoch statistics reduced on the device
+        monkeypatch.setattr(probe_mod, "_HOST_STATS", 0)
     return request.param
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from models import remedies as R
 from models.builder import build_model
-from models.diagnosis import Analysis, analyse, diagnose
+from models.diagnosis import diagnose
 from models.validation import Limits, check_spec
 from tests.test_diagnosis import acc, layer, mlp, record, vanishing_run
 

@@ -279,6 +279,32 @@ def test_dispatcher_gives_up_after_max_attempts(database: Database, client: Test
     assert summary["status"] == "failed" and summary["attempts"] == 3 and summary["last_status_code"] == 500
 
 
+def test_a_retry_owed_before_a_restart_is_sent_after_it(database: Database, client: TestClient) -> None:
+    job_id = external_job(client)
+    client.post(f"/v1/jobs/{job_id}/complete")
+    before = webhooks.Dispatcher(database, fast(database), transport=httpx.MockTransport(Receiver([502])))
+    assert before.run_once()
+    before.stop()  # the process goes away with attempt 2 owed
+    restarted_db = Database(database.url)
+    try:
+        after = webhooks.Dispatcher(restarted_db, fast(database), transport=httpx.MockTransport(Receiver()))
+        run_until(after, lambda: rows(database, job_id)[-1].state == "delivered")
+        after.stop()
+    finally:
+        restarted_db.dispose()
+    assert [(d.attempt, d.status_code) for d in rows(database, job_id)] == [(1, 502), (2, 200)]
+
+
+def test_a_url_httpx_cannot_even_parse_is_a_failed_attempt_not_a_stuck_one(database: Database) -> None:
+    with database.session() as s:
+        job = queue.enqueue(s, tenant="default", name="odd", spec=TINY, epochs_total=2, callback_url="http://[::1/x")
+        queue.request_cancel(s, job.id, "default")
+    dispatcher = webhooks.Dispatcher(database, fast(database, webhook_max_attempts=2),
+                                     transport=httpx.MockTransport(Receiver()))
+    run_until(dispatcher, lambda: [d.state for d in rows(database, job.id)] == ["failed", "failed"])
+    assert "InvalidURL" in rows(database, job.id)[0].error
+
+
 def test_a_claimed_delivery_is_exclusive_until_its_lease_expires(database: Database, client: TestClient) -> None:
     job_id = external_job(client)
     client.post(f"/v1/jobs/{job_id}/complete")
