@@ -102,6 +102,8 @@ class NormPlan:
         n_packed = self.big_cols[0]
         self.max_cols_layer = cols_layer[:n_packed] + [slot_layer[j] for j in big]
         self.max_width = n_packed + 2 * len(big)
+        if len(self.groups) == 1 and not self.big and self.groups[0].norm_dtype is None:
+            self.write = self._write_one_group  # the common small-model case, fewer branches
 
     # -------------------------------------------------------------- row views
     def row_views(self, row: Tensor) -> tuple:
@@ -127,8 +129,6 @@ class NormPlan:
         return tuple(views)
 
     # -------------------------------------------------------------- per step
-        if len(self.groups) == 1 and not self.big and self.groups[0].norm_dtype is None:
-            self.write = self._write_one_group  # the common small-model case, fewer branches
 
     def _write_one_group(self, views: tuple, loss: Tensor) -> list[Tensor]:
         g = self.groups[0]

@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads with the first dataset, not with spec validation in the API
+    import torch
 
 from models.spec import AddingData, BlobsData, DigitsData, SpiralsData, TeacherData
 
@@ -92,6 +94,8 @@ def make_dataset(data: Any) -> Dataset:
         x, y = _adding(data)
     else:  # pragma: no cover - dataset_shape raised already
         raise TypeError(f"not a dataset spec: {data!r}")
+    import torch
+
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(len(x), *input_shape)
     if task == "classification":
         yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))

@@ -100,6 +100,12 @@ def test_blind_spot_whole_network_collapse():
     assert f["kind"] == "vanishing_gradients"
     assert f["evidence"]["max_loss_sensitivity"] < DEFAULTS["collapse_sensitivity"]
     assert autotrainer_verdict(recs) == "healthy"  # the published rule misses it
+    # early stop: a collapse with a normal ratio is only certain once the weights stop moving
+    assert not verdict_is_certain(recs)  # update_ratio 1e-2
+    for r in recs:
+        for l in r["layers"]:
+            l["update_ratio"] = 1e-5
+    assert verdict_is_certain(recs)
 
 
 def test_nonfinite_is_exploding():
