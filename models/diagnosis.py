@@ -111,6 +111,7 @@ class Analysis:
     th: dict[str, float]
     epochs: list[int] = field(default_factory=list)
     layer_names: list[str] = field(default_factory=list)
+    position: dict[str, int] = field(default_factory=dict)  # layer name -> index in layer_names
     layer_types: dict[str, str] = field(default_factory=dict)
     weighted: list[str] = field(default_factory=list)
     first: str | None = None
@@ -143,8 +144,8 @@ class Analysis:
     zero_first_grad_epochs: list[int] = field(default_factory=list)
     zero_weight_layers: list[str] = field(default_factory=list)
     # activations
-    saturated: dict[str, tuple[float, list[int], str | None]] = field(default_factory=dict)
-    dead: dict[str, tuple[float, list[int], str | None]] = field(default_factory=dict)
+    saturated: dict[str, list] = field(default_factory=dict)  # name -> [max frac, epochs, module]
+    dead: dict[str, list] = field(default_factory=dict)
     # learning
     accuracy: float | None = None
     chance: float | None = None
@@ -222,6 +223,7 @@ def analyse(records: list[dict], *, spec: dict | None = None,
         for layer in r.get("layers") or []:
             n = layer.get("name")
             if n is not None and n not in a.layer_types:
+                a.position[n] = len(a.layer_names)
                 a.layer_names.append(n)
                 a.layer_types[n] = _layer_type(layer)
     weighted = [n for n in a.layer_names if _is_weighted({"type": a.layer_types[n]})]
@@ -231,13 +233,10 @@ def analyse(records: list[dict], *, spec: dict | None = None,
     a.recurrent = any(a.layer_types[n] in RECURRENT_TYPES for n in a.layer_names) or any(
         isinstance(r.get("temporal"), dict) for r in records)
 
+    index = {id(r): {layer.get("name"): layer for layer in r.get("layers") or []} for r in records}
+
     def layer_of(r: dict, name: str | None) -> dict | None:
-        if name is None:
-            return None
-        for layer in r.get("layers") or []:
-            if layer.get("name") == name:
-                return layer
-        return None
+        return None if name is None else index[id(r)].get(name)
 
     # loss ------------------------------------------------------------------------------------
     r0 = records[0]
@@ -335,6 +334,7 @@ def analyse(records: list[dict], *, spec: dict | None = None,
     a.spec_constant_init = _spec_constant_inits(spec)
 
     # activations -----------------------------------------------------------------------------
+    seen_modules: set[str] = set()
     for r in records:
         for layer in r.get("layers") or []:
             act = layer.get("activation")
@@ -342,15 +342,16 @@ def analyse(records: list[dict], *, spec: dict | None = None,
                 continue
             name, e = layer.get("name"), int(r.get("epoch", 0))
             module = str(act.get("module") or "")
-            if module.rsplit(".", 1)[-1] in ("sigmoid", "tanh") and module not in a.saturating_activations:
+            if module.rsplit(".", 1)[-1] in ("sigmoid", "tanh") and module not in seen_modules:
+                seen_modules.add(module)
                 a.saturating_activations.append(module)
             sat, dead = _num(act.get("saturated_frac")), _num(act.get("dead_frac"))
-            if sat is not None and sat > th["saturation_frac"]:
-                prev = a.saturated.get(name, (0.0, [], act.get("module")))
-                a.saturated[name] = (max(prev[0], sat), prev[1] + [e], act.get("module"))
-            if dead is not None and dead > th["dead_relu_frac"]:
-                prev = a.dead.get(name, (0.0, [], act.get("module")))
-                a.dead[name] = (max(prev[0], dead), prev[1] + [e], act.get("module"))
+            for store, frac, limit in ((a.saturated, sat, th["saturation_frac"]),
+                                       (a.dead, dead, th["dead_relu_frac"])):
+                if frac is not None and frac > limit:
+                    entry = store.setdefault(name, [0.0, [], act.get("module")])
+                    entry[0] = max(entry[0], frac)
+                    entry[1].append(e)
 
     # learning --------------------------------------------------------------------------------
     last_metrics = {}
@@ -492,7 +493,7 @@ def _findings(a: Analysis) -> list[dict]:
         eps = a.nonfinite_epochs or sorted({e for v in a.nonfinite_grad_layers.values() for e in v})
         out.append({
             "kind": "nonfinite_loss", "severity": "high",
-            "layers": sorted(a.nonfinite_grad_layers, key=a.layer_names.index),
+            "layers": sorted(a.nonfinite_grad_layers, key=a.position.__getitem__),
             "epochs": _epoch_range(eps),
             "evidence": {"first_nonfinite_epoch": min(eps), "loss_at_init": _clean(a.init_loss),
                          "layers_with_nonfinite_grads": len(a.nonfinite_grad_layers)},
@@ -567,7 +568,7 @@ def _findings(a: Analysis) -> list[dict]:
         eps = sorted({e for v in a.saturated.values() for e in v[1]})
         every = any(len(v[1]) == len(a.epochs) for v in a.saturated.values())
         sev = "high" if a.verdict == "vanishing" else ("medium" if every else "low")
-        names = sorted(a.saturated, key=a.layer_names.index)
+        names = sorted(a.saturated, key=a.position.__getitem__)
         modules = [a.saturated[n][2] for n in names]
         out.append({
             "kind": "saturated_activations", "severity": sev, "layers": names,
@@ -583,7 +584,7 @@ def _findings(a: Analysis) -> list[dict]:
         eps = sorted({e for v in a.dead.values() for e in v[1]})
         every = any(len(v[1]) == len(a.epochs) for v in a.dead.values())
         sev = "high" if frac >= 0.95 else ("medium" if every else "low")
-        names = sorted(a.dead, key=a.layer_names.index)
+        names = sorted(a.dead, key=a.position.__getitem__)
         out.append({
             "kind": "dead_relu", "severity": sev, "layers": names,
             "epochs": _epoch_range(eps),
@@ -639,7 +640,7 @@ def _exploding_layers(a: Analysis) -> list[str]:
         return [a.temporal_layer] if a.temporal_layer else []
     names = [n for n in a.weighted if n in a.nonfinite_grad_layers]
     names += [n for n, g in a.grad_growth.items() if g > 100 and n not in names]
-    return sorted(names, key=a.layer_names.index) if names else list(a.weighted)
+    return sorted(names, key=a.position.__getitem__) if names else list(a.weighted)
 
 
 def _layer_verdicts(a: Analysis, records: list[dict]) -> list[dict]:
@@ -660,17 +661,14 @@ def _mark_small_layers(a: Analysis, records: list[dict]) -> None:
     if a.last is None:
         return
     small: list[str] = []
+    index = [{layer.get("name"): layer for layer in r.get("layers") or []} for r in records]
     for n in a.weighted:
         if n == a.last:
             continue
         rs = []
-        for r in records:
-            g = gl = None
-            for layer in r.get("layers") or []:
-                if layer.get("name") == n:
-                    g = _num(_get(layer, "grad_norm", "mean"))
-                if layer.get("name") == a.last:
-                    gl = _num(_get(layer, "grad_norm", "mean"))
+        for layers in index:
+            g = _num(_get(layers.get(n), "grad_norm", "mean"))
+            gl = _num(_get(layers.get(a.last), "grad_norm", "mean"))
             v = _ratio(g, gl)
             if v is not None:
                 rs.append(v)

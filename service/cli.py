@@ -1,7 +1,8 @@
 """`gradwatch` command line: serve, worker, migrate, submit, report, jobs, keys.
 
 Exit codes a script can use: 0 ok (healthy), 1 error, 2 bad usage or refused spec,
-3 verdict vanishing, 4 verdict exploding, 5 the job failed or was cancelled.
+3 verdict vanishing, 4 verdict exploding, 5 the job failed or was cancelled,
+6 (`report` only) the report is not final yet: the job is still running.
 """
 
 from __future__ import annotations
@@ -297,7 +298,8 @@ def _follow(client: Any, job: dict[str, Any]) -> dict[str, Any]:
                     state["verdict"] = f"verdict so far: [{VERDICT_STYLE.get(verdict, 'white')}]{verdict}[/]"
             except Exception:  # noqa: BLE001 - a missed update must never stop the wait
                 pass
-        show(epoch, status)
+        if live or status not in ("succeeded", "failed", "cancelled"):
+            show(epoch, status)  # a line for the final state comes once, below
 
     with bar:
         done = client.wait(job, on_progress=progress, poll=0.5)
@@ -305,7 +307,8 @@ def _follow(client: Any, job: dict[str, Any]) -> dict[str, Any]:
         early = done["status"] == "succeeded" and done.get("source") == "spec" and final_epoch < epochs
         if live and early:
             bar.update(task, total=max(1, final_epoch))
-        show(final_epoch, done["status"] + (", stopped early (verdict certain)" if early else ""))
+        state["verdict"] = state["verdict"].replace("verdict so far", "verdict")
+        show(final_epoch, done["status"] + (", stopped early: the verdict was certain" if early else ""))
     return done
 
 
@@ -423,7 +426,7 @@ def report(
     url: UrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = None,
 ) -> None:
-    """Print a job's report (exit code = verdict; 5 if the job failed or was cancelled)."""
+    """Print a job's report (exit code = verdict; 5 if the job failed or was cancelled; 6 while it runs)."""
     import httpx
 
     from gradwatch.client import GradwatchError
@@ -442,6 +445,8 @@ def report(
             error = job.get("error") or {}
             err.print(f"[red]the job {job['status']}[/]" + (f": {escape(error.get('message') or '')}" if error else ""))
         raise typer.Exit(5)
+    if not rep.get("final"):
+        raise typer.Exit(6)  # a verdict so far, not one a script should act on
     raise typer.Exit(EXIT_VERDICT.get(rep["verdict"], 0))
 
 

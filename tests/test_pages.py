@@ -191,3 +191,11 @@ def test_templates_ship_with_the_package() -> None:
     root = Path(__file__).resolve().parent.parent
     assert {p.name for p in (root / "service/templates").glob("*.html")} >= {"base.html", "job.html", "jobs.html", "error.html"}
     assert "templates/*.html" in (root / "pyproject.toml").read_text()
+
+
+def test_names_and_messages_are_escaped(open_client: TestClient) -> None:
+    job = open_client.post("/v1/jobs", json={"source": "external", "name": "<script>alert(1)</script>",
+                                             "layers": [{"name": "<b>fc</b>", "type": "linear"}]}).json()
+    for path in (f"/jobs/{job['id']}", "/jobs"):
+        html = open_client.get(path).text
+        assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html

@@ -111,9 +111,9 @@ def jobs_page(request: Request, session: SessionDep, status: str | None = None, 
     if status not in (None, "", "queued", "running", "succeeded", "failed", "cancelled"):
         status = None
     try:
-        page = list_jobs(session, tenant, status or None, 50, cursor or None, None)
+        page = list_jobs(session=session, tenant=tenant, status=status or None, limit=50, cursor=cursor or None, parent_id=None)
     except Problem:
-        page = list_jobs(session, tenant, status or None, 50, None, None)
+        page = list_jobs(session=session, tenant=tenant, status=status or None, limit=50, cursor=None, parent_id=None)
     items = page["items"]
     active = any(j["status"] not in FINAL_STATUSES for j in items)
     return templates.TemplateResponse(request, "jobs.html", {
