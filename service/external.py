@@ -45,18 +45,27 @@ def finish_external(session: Session, job: Job, *, status: str) -> bool:
     """Final report on what arrived, written only if the job is still running: a complete and
     a cancel racing each other cannot overwrite one another."""
     report = reports.compute(job, load_records(session, job.id), final=True)
+    done = _end(session, job.id, (Job.status == "running",), status=status, report=report)
+    session.refresh(job)
+    return done
+
+
+def _end(session: Session, job_id: str, still: tuple[Any, ...], *, status: str,
+         report: dict[str, Any] | None, **error: str) -> bool:
+    """One conditional UPDATE ends the job only if `still` holds (it is still running, and for
+    the reaper still silent), so two enders racing each other cannot both win; the winner queues
+    the webhook in the same transaction."""
     now = utcnow()
     done = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == "running")
-        .values(status=status, report=report, report_final=True, verdict=report["verdict"],
-                finished_at=now, updated_at=now)
+        .where(Job.id == job_id, *still)
+        .values(status=status, report=report, report_final=True,
+                verdict=report["verdict"] if report else None, finished_at=now, updated_at=now, **error)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).first()
     if done is not None:
-        webhooks.job_ended(session, job.id)
-    session.refresh(job)
+        webhooks.job_ended(session, job_id)
     return done is not None
 
 
@@ -98,16 +107,7 @@ def reap_abandoned(session: Session, idle_seconds: float, *, limit: int = 50) ->
         last = job.heartbeat_at or job.started_at or job.created_at
         message = (f"the run sent nothing for {idle_seconds:g} s (last at {last.isoformat()}), so it is "
                    f"taken as crashed; the report is final on the {len(records)} epoch(s) that arrived")
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job.id, *silent)
-            .values(status="failed", error_code="abandoned", error_message=message, report=report,
-                    report_final=True, verdict=report["verdict"] if report else None,
-                    finished_at=now, updated_at=now)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        ).first()
-        if done is not None:
-            webhooks.job_ended(session, job.id)
+        if _end(session, job.id, silent, status="failed", report=report,
+                error_code="abandoned", error_message=message):
             reaped.append(job.id)
     return reaped

@@ -15,14 +15,19 @@ from service.views import FINAL_STATUSES
 
 def child_specs(job: Job, report: dict[str, Any]) -> list[dict[str, Any]]:
     """enqueue() keyword sets for the children of `job` (none unless verify_remedies > 0)."""
+    from models.validation import SpecError, check_spec
+
     k = int(((job.spec or {}).get("analysis") or {}).get("verify_remedies") or 0)
     children = []
     for rec in [r for r in report.get("recommendations", []) if r.get("patch")][:k]:
         patched = jsonpatch.apply_patch(job.spec, rec["patch"])
         patched.setdefault("analysis", {})["verify_remedies"] = 0
         patched["name"] = f"{job.name} / verify {rec['id']}"
-        children.append({"name": patched["name"], "spec": patched, "remedy_id": rec["id"],
-                         "epochs_total": patched["training"]["epochs"]})
+        try:  # remedies only emit patches that validate; this also fills defaults (epochs)
+            epochs = check_spec(patched).training.epochs
+        except SpecError:
+            continue
+        children.append({"name": patched["name"], "spec": patched, "remedy_id": rec["id"], "epochs_total": epochs})
     return children
 
 

@@ -264,3 +264,38 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         assert path in paths, path
         for operation in paths[path].values():
             assert operation.get("summary"), path
+
+
+VANISHING = {
+    "name": "sigmoid-stack",
+    "network": {"layers": [
+        {"type": "repeat", "times": 10, "layers": [
+            {"type": "linear", "out_features": 32, "init": {"name": "normal", "std": 0.05}}, {"type": "sigmoid"}]},
+        {"type": "linear", "out_features": 3}]},
+    "data": {"name": "blobs", "features": 4, "classes": 3, "n_samples": 300, "seed": 0},
+    "training": {"optimizer": "sgd", "lr": 0.1, "batch_size": 32, "epochs": 4, "seed": 0},
+    "analysis": {"early_stop": True, "verify_remedies": 2},
+}
+
+
+def test_verify_remedies_trains_children_and_the_report_is_final_when_they_are(client: TestClient, database: Database) -> None:
+    worker = Worker(database, settings_for(database), worker_id="w-verify", threads=1)
+    parent = client.post("/v1/jobs", json=VANISHING).json()
+    assert worker.run_once() is True
+    job = client.get(f"/v1/jobs/{parent['id']}").json()
+    assert job["status"] == "succeeded" and job["verdict"] == "vanishing"
+    assert job["report_final"] is False and client.get(f"/v1/jobs/{parent['id']}/report").json()["final"] is False
+    children = client.get("/v1/jobs", params={"parent_id": parent["id"]}).json()["items"]
+    assert len(children) == 2 and all(c["parent_id"] == parent["id"] and c["status"] == "queued" for c in children)
+    top = client.get(f"/v1/jobs/{parent['id']}/report").json()["recommendations"][:2]
+    assert sorted(c["remedy_id"] for c in children) == sorted(r["id"] for r in top)
+    assert worker.run_once() is True and worker.run_once() is True  # children run first (priority -1)
+    report = client.get(f"/v1/jobs/{parent['id']}/report").json()
+    assert report["final"] is True and client.get(f"/v1/jobs/{parent['id']}").json()["report_final"] is True
+    verified = [r["verification"] for r in report["recommendations"][:2]]
+    assert {v["job_id"] for v in verified} == {c["id"] for c in children}
+    for v in verified:
+        assert set(v) >= {"job_id", "verdict", "final_loss", "baseline_final_loss", "improved"}
+    assert verified[0]["verdict"] == "healthy" and verified[0]["improved"] is True
+    assert report["recommendations"][2:] == [] or report["recommendations"][2]["verification"] is None
+    assert worker.run_once() is False
