@@ -132,6 +132,7 @@ class Analysis:
     temporal_ratios: list[float | None] = field(default_factory=list)
     temporal_layer: str | None = None
     temporal_wrt: str | None = None
+    collapsed_in_training: bool = False  # key ratio fine at init, vanished in every later epoch
     key_name: str = "grad_norm_ratio_first_last"
     key_init: float | None = None
     key_ratios: list[float | None] = field(default_factory=list)
@@ -446,6 +447,12 @@ def _decide(a: Analysis) -> None:
         init_ok = a.key_init is None or a.key_init < vr
         if _all_below(a.key_ratios, vr) and init_ok:
             va.append("ratio")
+        elif len(a.key_ratios) >= 3 and _all_below(a.key_ratios[1:], vr):
+            # Normal at initialisation, then collapsed by training and stayed collapsed in every
+            # later epoch while the model learned little: vanishing all the same (a user sees a
+            # net that cannot learn because no gradient reaches its early layers/steps).
+            va.append("ratio")
+            a.collapsed_in_training = True
         if a.zero_first_grad_epochs and len(a.zero_first_grad_epochs) == len(a.epochs):
             va.append("zero_first_grad")
         if (a.sens_init is not None and a.sens_init < th["collapse_sensitivity"]
@@ -475,6 +482,8 @@ def verdict_is_certain(records: list[dict], thresholds: dict | None = None) -> b
     if "ratio" in a.exploding_reasons:
         return True
     if a.verdict == "vanishing" and a.progress_stalled:
+        if a.collapsed_in_training:
+            return False  # normal at init: a later recovery is not ruled out, so train to the end
         if a.vanishing_reasons == ["collapse"]:
             # the ratio looks normal, so nothing in the labelled criteria rules out a later
             # escape: only stop once the weights are not moving either
@@ -545,7 +554,15 @@ def _findings(a: Analysis) -> list[dict]:
             ev["accuracy"], ev["chance"] = _clean(a.accuracy), _clean(a.chance)
         if a.mse_frac is not None:
             ev["mse_over_target_variance"] = _clean(a.mse_frac)
-        if "ratio" in a.vanishing_reasons and a.key_name.startswith("temporal"):
+        if "ratio" in a.vanishing_reasons and a.collapsed_in_training:
+            later = [v for v in a.key_ratios[1:] if v is not None]
+            what = ("||dL/dh_1|| / ||dL/dh_T||" if a.key_name.startswith("temporal")
+                    else "the first layer's gradient over the last layer's")
+            limit = th["temporal_vanishing_ratio"] if a.key_name.startswith("temporal") else th["vanishing_ratio"]
+            msg = (f"The gradient collapsed during training: {what} was {_fmt(a.key_init)} at "
+                   f"initialisation, then at most {_fmt(max(later))} in every epoch from epoch 2 on "
+                   f"(limit {_fmt(limit)}), and the model learns little.")
+        elif "ratio" in a.vanishing_reasons and a.key_name.startswith("temporal"):
             msg = (f"The gradient through time vanishes: ||dL/dh_1|| / ||dL/dh_T|| is at most "
                    f"{_fmt(max(key_vals))} in every epoch (limit {_fmt(th['temporal_vanishing_ratio'])}), "
                    "so early inputs cannot influence learning, and the model learns little.")

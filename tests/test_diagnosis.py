@@ -148,6 +148,28 @@ def test_temporal_exploding_and_vanishing():
     assert diagnose(rnn_run(5e-3, 0.17, good_fit), final=True)["verdict"] == "healthy"
 
 
+def test_gradient_through_time_that_collapses_during_training_is_vanishing():
+    """Fine at initialisation, vanished in every later epoch, nothing learned: vanishing (an
+    orthogonal vanilla RNN on a 60-step adding problem does exactly this)."""
+    def run(ratios, m):
+        recs = []
+        for e, r in enumerate(ratios, start=1):
+            t = {"layer": "layers.0.rnn", "wrt": "hidden", "grad_norm_by_step": [r, 1.0]}
+            recs.append(record(e, 0.17, [layer("layers.0.rnn", "rnn"), layer("layers.1.linear")],
+                               metrics=m, first=0.17, temporal=t))
+        return recs
+    no_fit = {"mse": 0.168, "target_variance": 0.167}
+    rep = diagnose(run([1.4e-3, 5e-17, 2e-13, 5e-12], no_fit), final=True)
+    assert rep["verdict"] == "vanishing"
+    assert "collapsed during training" in rep["findings"][0]["message"]
+    assert rep["recommendations"] and rep["layers"][0]["verdict"] == "vanishing"
+    assert not verdict_is_certain(run([1.4e-3, 5e-17, 2e-13, 5e-12], no_fit))  # may still recover
+    # the same collapse in a model that learns is not vanishing, nor is a collapse in one epoch only
+    assert diagnose(run([1.4e-3, 5e-17, 2e-13, 5e-12], {"mse": 0.01, "target_variance": 0.167}),
+                    final=True)["verdict"] == "healthy"
+    assert diagnose(run([1.4e-3, 5e-17, 2e-2, 3e-2], no_fit), final=True)["verdict"] == "healthy"
+
+
 def test_exact_zero_first_layer_gradient_and_symmetry():
     spec = {"network": {"layers": [{"type": "linear", "out_features": 8, "init": "zeros"},
                                    {"type": "relu"}, {"type": "linear", "out_features": 2, "init": "zeros"}]},
