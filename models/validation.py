@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from models import spec as S
 from models.datasets import DIGITS_N, dataset_shape, n_samples_of
+from models.thresholds import DEFAULTS as DEFAULT_THRESHOLDS
 
 Shape = tuple[int, ...]
 
@@ -405,6 +406,11 @@ def semantic_problems(spec: S.JobSpec, limits: Limits = Limits()) -> tuple[list[
         problems.append(SpecProblem("/analysis/verify_remedies", (
             f"verify_remedies is {spec.analysis.verify_remedies}; at most {limits.max_verify_remedies} remedies "
             "can be verified")))
+    for name in sorted(set(spec.analysis.thresholds or ()) - set(DEFAULT_THRESHOLDS)):
+        close = difflib.get_close_matches(name, list(DEFAULT_THRESHOLDS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        problems.append(SpecProblem(f"/analysis/thresholds/{_escape(name)}", (
+            f"unknown threshold {name!r}; {hint}known: {', '.join(sorted(DEFAULT_THRESHOLDS))}")))
 
     loss = spec.training.loss
     if loss != "auto":

@@ -83,6 +83,7 @@ BAD_SPECS = [
     ("bad device", with_("/training/device", "tpu"), "/training/device"),
     ("clip max_norm 0", with_("/training/grad_clip", {"max_norm": 0}), "/training/grad_clip"),
     ("verify too many", with_("/analysis", {"verify_remedies": 4}), "/analysis/verify_remedies"),
+    ("unknown threshold", with_("/analysis", {"thresholds": {"vanishing_ration": 1e-3}}), "/analysis/thresholds/vanishing_ration"),
     ("typo in training", with_("/training/learning_rate", 0.1), "/training/learning_rate"),
     ("input_shape disagrees", with_("/network/input_shape", [5]), "/network/input_shape"),
     ("too many parameters", with_("/network/layers/0/out_features", 10_000_000), "/network"),
@@ -98,6 +99,12 @@ def test_bad_spec_is_refused_with_the_field_named_and_never_queued(client: TestC
     pointers = [e["pointer"] for e in body["errors"]]
     assert any(p == pointer or p.startswith(pointer + "/") or pointer.startswith(p + "/") and p for p in pointers), (label, pointers)
     assert client.get("/v1/jobs").json()["items"] == []
+
+
+def test_known_threshold_override_is_accepted_and_a_typo_gets_a_suggestion(client: TestClient) -> None:
+    assert client.post("/v1/jobs", json=with_("/analysis", {"thresholds": {"vanishing_ratio": 1e-3}})).status_code == 202
+    body = problem(client.post("/v1/jobs", json=with_("/analysis", {"thresholds": {"vanishing_ration": 1e-3}})), 422)
+    assert "did you mean vanishing_ratio" in body["detail"]
 
 
 def test_malformed_json_is_a_400_problem(client: TestClient) -> None:
