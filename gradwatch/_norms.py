@@ -1,17 +1,23 @@
 """Per-step gradient norms with as few dispatched ops as possible.
 
-On a CPU, ``torch._foreach_norm`` loops over the tensors and pays a full reduction dispatch
-for each (a few microseconds), which for a small model (a 6 x 64 MLP has 14 parameter tensors
-and a step of ~1 ms) is most of the probe's cost. Small gradients are therefore packed: the
-small tensors of each layer are laid out back to back, each layer padded with zeros to a common
-length, with ``flatten_dense_tensors`` (one C++ call), and one ``vector_norm(dim=1)`` over the
-``[layers, length]`` view gives every layer's norm at once (the zero padding adds nothing to a
-norm or to max |g|). Large tensors (where the copy would cost more than the dispatch) go through
-the fused ``torch._foreach_norm``. Layers are grouped so that padding never more than doubles
-the copied size (and by device / dtype).
+Measured inside a training loop on a CPU (bench/overhead.py), the cost of a per-step statistic
+is set by the number of tensor ops it dispatches, more than by the bytes: each op pays ~1 us
+of dispatch, and an op whose code the forward / backward / optimizer has just pushed out of
+the caches pays several us more on its first call, even on one element. ``torch._foreach_norm``
+on a CPU is one full reduction per tensor (a 6 x 64 MLP has 14).
 
-Each step writes one row: [packed layer norms..., large-tensor norms..., loss]; the probe turns
-a chunk of rows into per-layer values (sqrt of the segment sum of squares) with one index_add.
+So, per step, the small gradients take one op: ``torch._foreach_copy_`` into the next slot of a
+persistent, zero-padded history buffer (one fused kernel on CUDA). Every ``hist_rows`` steps,
+and whenever the rows are read, one ``vector_norm(dim=2)`` over the ``[steps, layers, length]``
+history writes all those steps' per-layer norms into their rows at once (the values are only
+read at the end of a chunk or epoch, so nothing observable changes). Within a slot, row k holds
+layer k's gradients back to back, then zeros: padding adds nothing to a norm or to max |g|.
+Layers are grouped so that padding never more than doubles the copied size (and by device /
+dtype); the history holds at most 16 steps and ``_HIST_BYTES``. Large tensors (where the copy
+would cost more than the dispatch) take the fused ``torch._foreach_norm`` at once.
+
+Each step fills one row: [packed layer norms..., large-tensor norms...]; the probe turns a chunk
+of rows into per-layer values (sqrt of the segment sum of squares) with one index_add.
 """
 from __future__ import annotations
 
@@ -19,38 +25,40 @@ import torch
 from torch import Tensor
 
 BIG = 1 << 15          # tensors with more elements than this are not packed
+_HIST_BYTES = 4 << 20  # at most this much history (per plan) for the deferred norms
 _PAD_SLACK = 1 << 16   # padding allowed in a group beyond doubling (elements)
-
-try:
-    _flatten = torch._C._nn.flatten_dense_tensors
-except AttributeError:  # pragma: no cover - very old / unusual builds
-    def _flatten(ts: list[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in ts])
-
-
-class _Pad:
-    """Stands in a packed group's parameter list: ``.grad`` is a zero tensor."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self, grad: Tensor) -> None:
-        self.grad = grad
 
 
 class _Group:
-    def __init__(self, seq: list, n: int, length: int, norm_dtype: torch.dtype | None):
-        self.seq = seq            # params (and _Pad) in layout order
-        self.n = n                # layers (rows of the view)
+    """Layers packed into a persistent ``[hist_rows, n, length]`` buffer: in each step's slot,
+    row k holds layer k's small gradients back to back, then zeros (never written, so they
+    stay zero)."""
+
+    def __init__(self, layout: list[list[Tensor]], length: int, hist_rows: int,
+                 device: torch.device, dtype: torch.dtype, norm_dtype: torch.dtype | None):
+        self.n = len(layout)      # layers (rows of a slot)
         self.length = length
         self.norm_dtype = norm_dtype
+        self.hist = torch.zeros(hist_rows, self.n, length, device=device, dtype=dtype)
+        self.params: list[Tensor] = [p for params in layout for p in params]
+        self.dst: list[list[Tensor]] = []   # per slot: the params' places, shaped like them
+        for slot in self.hist:
+            views = []
+            for k, params in enumerate(layout):
+                off = 0
+                for p in params:
+                    views.append(slot[k, off:off + p.numel()].view(p.shape))
+                    off += p.numel()
+            self.dst.append(views)
 
 
 class NormPlan:
-    """Layout of one row. ``cols_layer[c]`` = layer of norm column c; column ``width - 1`` is
-    the loss. ``max_cols_layer`` likewise for the max |g| rows (packed layers, then large
-    tensors' maxima, then their minima)."""
+    """Layout of one row. ``cols_layer[c]`` = layer of norm column c. ``max_cols_layer``
+    likewise for the max |g| rows (packed layers, then large tensors' maxima, then their
+    minima)."""
 
-    def __init__(self, params: list[Tensor], slot_layer: list[int], row_dtype: torch.dtype):
+    def __init__(self, params: list[Tensor], slot_layer: list[int], row_dtype: torch.dtype,
+                 hist_rows: int = 16):
         self.params = params
         self.slot_layer = slot_layer
         self.row_dtype = row_dtype
@@ -62,6 +70,7 @@ class NormPlan:
             else:
                 parts.setdefault((p.device, p.dtype), {}).setdefault(slot_layer[j], []).append(j)
         self.groups: list[_Group] = []
+        packed: list[tuple] = []   # (layout, length, device, dtype) per group
         cols_layer: list[int] = []
         self.slot_col: list[int] = [0] * len(params)   # column of each slot (fallback path)
         for (device, dtype), layers in parts.items():
@@ -81,16 +90,24 @@ class NormPlan:
                     actual += size
                     k += 1
                 members.sort(key=lambda t: t[1])      # layer order inside the group
-                seq: list = []
+                layout = []
                 for size, li, slots in members:
                     for j in slots:
-                        seq.append(params[j])
                         self.slot_col[j] = len(cols_layer)
-                    if size < length:
-                        seq.append(_Pad(torch.zeros(length - size, device=device, dtype=dtype)))
+                    layout.append([params[j] for j in slots])
                     cols_layer.append(li)
-                norm_dtype = None if dtype == row_dtype else row_dtype
-                self.groups.append(_Group(seq, len(members), length, norm_dtype))
+                packed.append((layout, length, device, dtype))
+        # history depth: enough steps to amortise the norm's dispatch, bounded in memory
+        packed_bytes = sum(len(lay) * length * torch.empty((), dtype=dt).element_size()
+                           for lay, length, _, dt in packed)
+        self.hist_rows = max(1, min(hist_rows, _HIST_BYTES // max(packed_bytes, 1)))
+        col = 0
+        self.group_cols: list[tuple[int, int]] = []
+        for layout, length, device, dtype in packed:
+            norm_dtype = None if dtype == row_dtype else row_dtype
+            self.groups.append(_Group(layout, length, self.hist_rows, device, dtype, norm_dtype))
+            self.group_cols.append((col, col + len(layout)))
+            col += len(layout)
         self.big = [params[j] for j in big]
         self.big_cols = (len(cols_layer), len(cols_layer) + len(big))
         for j in big:
@@ -98,24 +115,22 @@ class NormPlan:
             cols_layer.append(slot_layer[j])
         self.big_dtype = None if all(params[j].dtype == row_dtype for j in big) else row_dtype
         self.cols_layer = cols_layer
-        self.width = len(cols_layer) + 1
+        self.width = len(cols_layer)
         n_packed = self.big_cols[0]
         self.max_cols_layer = cols_layer[:n_packed] + [slot_layer[j] for j in big]
         self.max_width = n_packed + 2 * len(big)
-        if len(self.groups) == 1 and not self.big and self.groups[0].norm_dtype is None:
-            self.write = self._write_one_group  # the common small-model case, fewer branches
+        self.buf: Tensor | None = None
+        self.slot = 0          # history slots filled since the last flush
+        self.first_row = 0     # the row of slot 0
+        self.last_slot = -1    # the slot written by the latest successful write
 
-    # -------------------------------------------------------------- row views
-    def row_views(self, row: Tensor) -> tuple:
-        views = []
-        c = 0
-        for g in self.groups:
-            views.append(row[c:c + g.n])
-            c += g.n
+    # -------------------------------------------------------------- rows
+    def attach(self, buf: Tensor) -> None:
+        """The [capacity, width] row buffer the norms are written to."""
+        self.buf = buf
         a, b = self.big_cols
-        views.append(row[a:b])
-        views.append(row[b])
-        return tuple(views)
+        self.big_views = [r[a:b] for r in buf.unbind(0)]
+        self.slot = 0
 
     def max_row_views(self, row: Tensor) -> tuple:
         views = []
@@ -129,42 +144,50 @@ class NormPlan:
         return tuple(views)
 
     # -------------------------------------------------------------- per step
-
-    def _write_one_group(self, views: tuple, loss: Tensor) -> list[Tensor]:
-        g = self.groups[0]
-        flat = _flatten([x.grad for x in g.seq])
-        torch.linalg.vector_norm(flat.view(g.n, g.length), dim=1, out=views[0])
-        views[2].copy_(loss)
-        return [flat]
-
-    def write(self, views: tuple, loss: Tensor) -> list[Tensor] | None:
-        """Write the norms and the loss into a row. Returns the packed flat buffers (reused
-        for max |g| on sampled steps). Raises on None / unusual gradients (see fallback)."""
-        flats = []
-        k = 0
+    def write(self, n: int) -> None:
+        """Step for row ``n``: the small gradients into the next history slot (their norms come
+        with ``flush``), the large tensors' norms into the row now. Raises on None / unusual
+        gradients; the caller then flushes and takes the fallback."""
+        s = self.slot
+        if s == 0:
+            self.first_row = n
         for g in self.groups:
-            flat = _flatten([x.grad for x in g.seq])
-            flats.append(flat)
-            if g.norm_dtype is None:
-                torch.linalg.vector_norm(flat.view(g.n, g.length), dim=1, out=views[k])
-            else:
-                torch.linalg.vector_norm(flat.view(g.n, g.length), dim=1, dtype=g.norm_dtype,
-                                         out=views[k])
-            k += 1
+            torch._foreach_copy_(g.dst[s], [p.grad for p in g.params])
         if self.big:
             grads = [p.grad for p in self.big]
             if self.big_dtype is None:
-                torch.stack(torch._foreach_norm(grads), out=views[k])
+                torch.stack(torch._foreach_norm(grads), out=self.big_views[n])
             else:
-                torch.stack(torch._foreach_norm(grads, 2, dtype=self.big_dtype), out=views[k])
-        views[k + 1].copy_(loss)
-        return flats
+                torch.stack(torch._foreach_norm(grads, 2, dtype=self.big_dtype),
+                            out=self.big_views[n])
+        self.last_slot = s
+        self.slot = s + 1
+        if s + 1 == self.hist_rows:
+            self.flush()
 
-    def write_max(self, views: tuple, flats: list[Tensor] | None) -> None:
+    def flush(self) -> None:
+        """Norms of every step in the history -> their rows (one op per group)."""
+        m = self.slot
+        if not m:
+            return
+        r = self.first_row
+        self.slot = 0
+        for g, (c0, c1) in zip(self.groups, self.group_cols):
+            out = self.buf[r:r + m, c0:c1]
+            if g.hist.device != out.device:   # a model split across devices
+                out.copy_(torch.linalg.vector_norm(g.hist[:m], dim=2, dtype=out.dtype))
+            elif g.norm_dtype is None:
+                torch.linalg.vector_norm(g.hist[:m], dim=2, out=out)
+            else:
+                torch.linalg.vector_norm(g.hist[:m], dim=2, dtype=g.norm_dtype, out=out)
+
+    def write_max(self, views: tuple) -> None:
+        """max |g| per packed layer (from the latest step's history slot) and (max, min) per
+        large tensor."""
         k = 0
+        s = self.last_slot
         for g in self.groups:
-            flat = flats[k] if flats is not None else _flatten([x.grad for x in g.seq])
-            torch.amax(flat.view(g.n, g.length).abs(), dim=1, out=views[k])
+            torch.amax(g.hist[s].abs(), dim=1, out=views[k])
             k += 1
         if self.big:
             mins, maxs = [], []
@@ -190,16 +213,15 @@ class NormPlan:
             out.append(g)
         return out
 
-    def write_fallback(self, row: Tensor, loss: Tensor) -> None:
+    def write_fallback(self, row: Tensor) -> None:
         """Slow but general: per-tensor norms combined into the row's columns."""
         grads = self.fixed_grads()
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64).to(row.device)
                              for g in grads])
         idx = torch.tensor(self.slot_col, device=row.device)
-        sq = torch.zeros(self.width - 1, dtype=torch.float64, device=row.device)
+        sq = torch.zeros(self.width, dtype=torch.float64, device=row.device)
         sq.index_add_(0, idx, norms.square())
-        row[:-1].copy_(sq.sqrt())
-        row[-1].copy_(loss)
+        row.copy_(sq.sqrt())
 
     def write_max_fallback(self, row: Tensor) -> None:
         grads = self.fixed_grads()

@@ -1,11 +1,13 @@
 """gradwatch.Probe: cheap per-step gradient / weight / activation statistics -> epoch records.
 
 Cost model (what keeps it cheap; see bench/overhead.py):
-- every step: the per-layer gradient norms in a handful of dispatched ops (gradwatch/_norms.py:
-  small gradients packed per layer by one ``flatten_dense_tensors`` + one ``vector_norm``, large
-  ones through the fused ``torch._foreach_norm``), written with the detached loss into a row of
-  a preallocated device buffer. No host sync, no per-layer Python work, no tensors left alive
-  per step. Non-finite gradients show as a non-finite norm: the count is taken from the rows.
+- every step: the per-layer gradient norms at the cost of one dispatched op for the small
+  gradients (gradwatch/_norms.py: one ``_foreach_copy_`` into a persistent padded history; one
+  ``vector_norm`` per 16 steps writes their norms into the steps' rows of a preallocated device
+  buffer) and the fused ``torch._foreach_norm`` for large ones; the loss is kept as an alias
+  (``.data``, no op) and stacked once per chunk. No host sync, no per-layer Python work; the
+  rare steps around a sampled one take a separate path (``_event``). Non-finite gradients show
+  as a non-finite norm: the count is taken from the rows.
 - every ``sample_stride``-th step (the epoch's first step included): max |g| and the activation
   statistics. The activation forward hooks are only present for the sampled forward (a module
   with hooks takes PyTorch's slow call path), toggled by a dict insert / pop.
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from gradwatch import _temporal
 from gradwatch._norms import NormPlan
 
-DEFAULT_SAMPLE_STRIDE = 16
+DEFAULT_SAMPLE_STRIDE = 32  # bench/overhead.py: 16 cost the 6 x 64 ReLU MLP ~1% more
 _CHUNK_ROWS = 256  # per-step rows kept before they are reduced to per-layer values
 _HOST_STATS = 1 << 17  # [steps x layers] values up to which epoch statistics are host-side
 _ACT_FLUSH = 1024  # activation entries kept before they are stacked into one tensor
@@ -75,15 +77,15 @@ def _num(x: float | None) -> float | None:
 
 
 class _Rows:
-    """A preallocated [capacity, width] device buffer, one row per step; ``views`` holds, per
-    row, the slices each part of the row is written to (made once: no indexing op per step,
-    and no per-step tensors left alive for Python's garbage collector to walk)."""
+    """A preallocated [capacity, width] device buffer, one row per step; ``views`` (optional)
+    holds, per row, the slices each part of the row is written to (made once: no indexing op
+    per step)."""
 
     def __init__(self, width: int, device: torch.device, dtype: torch.dtype, capacity: int,
                  make_views: Any):
         self.buf = torch.empty(capacity, width, device=device, dtype=dtype)
         self.rows = list(self.buf.unbind(0))
-        self.views = [make_views(r) for r in self.rows]
+        self.views = [make_views(r) for r in self.rows] if make_views is not None else None
         self.capacity = capacity
         self.n = 0
 
@@ -99,7 +101,7 @@ class Probe:
     and ``opt.step()``); ``end_epoch(epoch)`` returns the epoch record (docs/API.md).
 
     ``every_step=True`` computes every statistic on every step (``sample_stride`` 1); by default
-    max |g| and the activation statistics are taken every ``sample_stride``-th step (16), and the
+    max |g| and the activation statistics are taken every ``sample_stride``-th step (32), and the
     record says so. Gradient norms, the non-finite checks and the loss are taken on every step.
     """
 
@@ -148,7 +150,7 @@ class Probe:
                     break
 
         self._plan: NormPlan | None = None
-        self._rows: _Rows | None = None       # per step: the plan's norm columns + the loss
+        self._rows: _Rows | None = None       # per step: the plan's norm columns
         self._max_rows: _Rows | None = None   # per sampled step: max |g| columns
         self._hooks_on = False
         self._specs: list[tuple[dict, int, Any]] | None = None
@@ -170,38 +172,50 @@ class Probe:
         """Record the current gradients (call after backward, before clipping / opt.step()).
         No host sync."""
         i = self._i
-        if loss is None:
+        if isinstance(loss, Tensor):
+            lt = loss.data   # an alias without autograd (no op dispatched), kept as is
+            if lt.ndim:
+                lt = lt.float().mean()
+        elif loss is None:
             lt = self._nan
             self._no_loss.append(i)
-        else:
-            try:
-                lt = loss.detach()
-                if lt.ndim:
-                    lt = lt.float().mean()
-            except AttributeError:  # a Python number
-                lt = torch.tensor(float(loss))
+        else:  # a Python number
+            lt = torch.tensor(float(loss))
+        self._losses.append(lt)   # stacked once per chunk
         rows = self._rows
         if rows is None:
             rows = self._make_rows()
         n = rows.n
         try:
-            flats = self._plan.write(rows.views[n], lt)
+            self._plan.write(n)
+            loaded = True
         except (TypeError, RuntimeError, NotImplementedError, AttributeError):
-            flats = None   # None / sparse / reshaped gradients: the general (slow) path
-            self._plan.write_fallback(rows.rows[n], lt.to(rows.buf.device))
+            loaded = False   # None / sparse / reshaped gradients: the general (slow) path
+            self._plan.flush()
+            self._plan.write_fallback(rows.rows[n])
         rows.n = n + 1
         if n + 1 == rows.capacity:
             self._take_rows()
-        if i % self.sample_stride == 0 and self._params:
-            self._sampled_step(i, flats)
+        self._i = i + 1
+        if i >= self._next_event or self._temporal_fired:
+            self._event(i, loaded)
+
+    def _event(self, i: int, loaded: bool) -> None:
+        """The steps around a sampled one (and the temporal batch): kept off the common path."""
+        stride = self.sample_stride
+        if i % stride == 0 and self._params:
+            self._sampled_step(i, loaded)
         self._owner = None
         if self._taken:
             self._taken.clear()
         if self._temporal_fired:
             self._finish_temporal()
-        self._i = i = i + 1
-        if (i % self.sample_stride == 0) != self._hooks_on:
+        j = i + 1
+        if (j % stride == 0) != self._hooks_on:
             self._sync_hooks()
+        # next: the step before a sampled one (hooks on), or the sampled one itself
+        r = j % stride
+        self._next_event = j if r in (0, stride - 1) else j + (stride - 1 - r)
 
     def end_epoch(self, epoch: int, metrics: dict | None = None) -> dict:
         """Aggregate the epoch's steps into a record (one device->host transfer) and reset."""
@@ -236,12 +250,13 @@ class Probe:
     def _make_rows(self) -> _Rows:
         dev, dt = self._device(), self._row_dtype()
         self._plan = plan = NormPlan(self._params, self._slot_layer, dt)
-        self._rows = _Rows(plan.width, dev, dt, _CHUNK_ROWS, plan.row_views)
+        self._rows = _Rows(plan.width, dev, dt, _CHUNK_ROWS, None)
+        plan.attach(self._rows.buf)
         self._cols_layer = torch.tensor(plan.cols_layer, device=dev, dtype=torch.long)
         self._max_cols_layer = torch.tensor(plan.max_cols_layer, device=dev, dtype=torch.long)
         return self._rows
 
-    def _sampled_step(self, i: int, flats: list[Tensor] | None) -> None:
+    def _sampled_step(self, i: int, loaded: bool) -> None:
         """max |g| per layer: the packed buffers of this step (abs + amax per group) and
         aminmax for each large tensor (one read pass, no |g| temporary)."""
         mr = self._max_rows
@@ -252,9 +267,9 @@ class Probe:
                                         plan.max_row_views)
         n = mr.n
         try:
-            if flats is None:
+            if not loaded:
                 raise RuntimeError("fallback")
-            self._plan.write_max(mr.views[n], flats)
+            self._plan.write_max(mr.views[n])
         except (TypeError, RuntimeError, NotImplementedError, AttributeError):
             self._plan.write_max_fallback(mr.rows[n])
         mr.n = n + 1
@@ -283,16 +298,28 @@ class Probe:
 
     def _take_rows(self) -> None:
         """Reduce the buffered per-step rows: norm columns -> per-layer squared norms."""
+        self._plan.flush()                              # the deferred norms
         rows = self._rows.take()                        # [r, width] float64
-        self._loss_chunks.append(rows[:, -1])
+        self._take_losses()
         if self._n_layers:
             if self._plan.cols_layer == list(range(self._n_layers)):  # one column per layer
-                sq = rows[:, :-1].square()
+                sq = rows.square()
             else:
                 sq = torch.zeros(rows.shape[0], self._n_layers, dtype=torch.float64,
                                  device=rows.device)
-                sq.index_add_(1, self._cols_layer, rows[:, :-1].square())
+                sq.index_add_(1, self._cols_layer, rows.square())
             self._sq_chunks.append(sq)
+
+    def _take_losses(self) -> None:
+        losses, self._losses = self._losses, []
+        if not losses:
+            return
+        dev = self._device()
+        try:
+            stacked = torch.stack(losses)
+        except RuntimeError:  # losses on another device or of several dtypes
+            stacked = torch.stack([t.to(dev, torch.float64) for t in losses])
+        self._loss_chunks.append(stacked.to(dev, torch.float64))
 
     def _take_max_rows(self) -> None:
         rows = self._max_rows.take()                    # [r, packed + 2 * big]
@@ -491,12 +518,16 @@ class Probe:
     # ------------------------------------------------------------------ epoch record
     def _reset_epoch(self) -> None:
         self._i = 0
+        self._next_event = 0
+        if self._plan is not None:
+            self._plan.slot = 0
         if self._rows is not None:
             self._rows.n = 0
         if self._max_rows is not None:
             self._max_rows.n = 0
         self._sq_chunks: list[Tensor] = []
         self._loss_chunks: list[Tensor] = []
+        self._losses: list[Tensor] = []   # this chunk's detached losses, one per step
         self._max_chunks: list[Tensor] = []
         self._no_loss: list[int] = []
         self._nan = torch.tensor(math.nan, device=self._device())
@@ -517,6 +548,7 @@ class Probe:
     def _build_record(self, epoch: int, metrics: dict | None) -> dict:
         if self._rows is not None and self._rows.n:
             self._take_rows()
+        self._take_losses()
         if self._max_rows is not None and self._max_rows.n:
             self._take_max_rows()
         if self._act_meta:

@@ -160,6 +160,7 @@ def test_gradient_weight_and_loss_statistics_match_plain_computation(every_step,
     probe = Probe(model, every_step=every_step, sample_stride=3)
     stride = 1 if every_step else 3
     assert probe.sample_stride == stride
+    assert Probe(mlp(nn.Tanh)).sample_stride == 32   # the default (bench/overhead.py)
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
     batches = [(torch.randn(7, 5), torch.randint(0, 3, (7,))) for _ in range(10)]
     for epoch in (1, 2):
@@ -328,6 +329,75 @@ def test_flush_over_many_steps_keeps_every_step(monkeypatch, layout):
             got = rec["layers"][li]["activation"]
             for key in ("mean", "std", "saturated_frac"):
                 assert close(got[key], ref[key], rel=1e-4, abs_=1e-7)
+
+
+@pytest.mark.parametrize("hist_bytes", [1, 2100, 1 << 22])
+def test_deferred_norms_across_history_chunk_and_fallback_steps(monkeypatch, layout, hist_bytes):
+    """The small gradients' norms are computed every few steps from a history buffer: every
+    step's norm must still land in its own row, across history flushes (1, a few, or 16
+    steps deep), chunk reductions (every 5 steps), steps where a gradient is missing (the
+    fallback path, mid-history) and epochs."""
+    import gradwatch._norms as norms_mod
+    import gradwatch.probe as probe_mod
+
+    monkeypatch.setattr(norms_mod, "_HIST_BYTES", hist_bytes)
+    monkeypatch.setattr(probe_mod, "_CHUNK_ROWS", 5)
+    torch.manual_seed(5)
+    model = mlp(nn.Tanh)
+    weighted = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    probe = Probe(model, sample_stride=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in (1, 2):
+        norms, maxabs = [], []
+        for k in range(23):
+            opt.zero_grad()
+            x = torch.randn(4, 5)
+            loss = nn.functional.cross_entropy(model(x), torch.randint(0, 3, (4,)))
+            loss.backward()
+            if k % 7 == 4:   # a layer without a gradient on this step: the fallback
+                weighted[1].bias.grad = None
+            norms.append([layer_norm_now(m) for m in weighted])
+            if k % 3 == 0:
+                maxabs.append([max((float(p.grad.abs().max()) for p in m.parameters(recurse=False)
+                                    if p.grad is not None), default=0.0) for m in weighted])
+            probe.step(loss)
+            opt.step()
+        rec = probe.end_epoch(epoch)
+        assert rec["steps"] == 23
+        for li, lrec in enumerate(rec["layers"]):
+            col = [r[li] for r in norms]
+            assert close(lrec["grad_norm"]["first"], col[0])
+            assert close(lrec["grad_norm"]["last"], col[-1])
+            assert close(lrec["grad_norm"]["mean"], sum(col) / len(col))
+            assert close(lrec["grad_norm"]["median"], median(col))
+            assert close(lrec["grad_norm"]["min"], min(col))
+            assert close(lrec["grad_norm"]["max"], max(col))
+            assert close(lrec["grad_max_abs"], max(r[li] for r in maxabs))
+
+
+def test_loss_accepted_as_tensor_vector_number_or_none():
+    """The loss is kept as an alias until the chunk is stacked: a later in-graph loss, a
+    per-sample vector (its mean), a Python or NumPy number and None all land in order."""
+    np = pytest.importorskip("numpy")
+    model = mlp(nn.Tanh)
+    probe = Probe(model)
+    given = []
+    for k, kind in enumerate(["tensor", "vector", "float", "numpy", "none", "tensor"]):
+        model.zero_grad()
+        out = model(torch.randn(4, 5))
+        per_sample = out.pow(2).mean(dim=1)
+        per_sample.mean().backward()
+        value = float(per_sample.detach().mean())
+        loss = {"tensor": per_sample.mean(), "vector": per_sample, "float": value,
+                "numpy": np.float32(value), "none": None}[kind]
+        probe.step(loss)
+        if kind != "none":
+            given.append(value)
+    rec = probe.end_epoch(1)
+    assert rec["steps"] == 6
+    assert close(rec["loss"], sum(given) / len(given), rel=1e-6)
+    assert close(rec["loss_stats"]["first"], given[0], rel=1e-6)
+    assert close(rec["loss_stats"]["last"], given[-1], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- activations

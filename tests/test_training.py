@@ -34,6 +34,7 @@ def test_records_metrics_and_callbacks():
     assert set(r["metrics"]) >= {"accuracy"} and 0 <= r["metrics"]["accuracy"] <= 1
     assert r["metrics"]["chance_accuracy"] == 0.5
     assert r["steps"] == math.ceil(200 / 32)
+    assert r["sample_stride"] == 16   # the service's short epochs: denser than the SDK default
     assert [l["name"] for l in r["layers"]] == ["layers.0.linear", "layers.2.linear"]
     assert res.final_loss == pytest.approx(r["loss"])
     assert res.time_to_verdict_s > 0 and len(res.epoch_times) == 3
