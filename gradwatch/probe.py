@@ -182,6 +182,8 @@ class Probe:
         else:  # a Python number
             lt = torch.tensor(float(loss))
         self._losses.append(lt)   # stacked once per chunk
+        if i >= self._next_event and i % self.sample_stride == 0:
+            self._check_plan()   # layers frozen / unfrozen since the plan was made
         rows = self._rows
         if rows is None:
             rows = self._make_rows()
@@ -248,8 +250,13 @@ class Probe:
             else torch.float32
 
     def _make_rows(self) -> _Rows:
+        """The norm plan over the trainable parameters (a frozen one has no gradient: it adds
+        nothing to its layer's norm, and must not send every step down the fallback path)."""
         dev, dt = self._device(), self._row_dtype()
-        self._plan = plan = NormPlan(self._params, self._slot_layer, dt)
+        self._plan_key = key = tuple(p.requires_grad for p in self._params)
+        active = [j for j, trainable in enumerate(key) if trainable]
+        self._plan = plan = NormPlan([self._params[j] for j in active],
+                                     [self._slot_layer[j] for j in active], dt)
         self._rows = _Rows(plan.width, dev, dt, _CHUNK_ROWS, None)
         plan.attach(self._rows.buf)
         self._cols_layer = torch.tensor(plan.cols_layer, device=dev, dtype=torch.long)
@@ -277,6 +284,17 @@ class Probe:
             self._take_max_rows()
         if i == 0:
             self._snapshot()
+
+    def _check_plan(self) -> None:
+        """Layers frozen or unfrozen since the plan was made (checked before each sampled step,
+        the epoch's first included, not on every step): reduce the rows so far, then re-plan."""
+        if self._plan is None or tuple(p.requires_grad for p in self._params) == self._plan_key:
+            return
+        if self._rows.n:
+            self._take_rows()
+        if self._max_rows is not None and self._max_rows.n:
+            self._take_max_rows()
+        self._plan = self._rows = self._max_rows = None   # the next step makes new ones
 
     def _snapshot(self) -> None:
         with torch.no_grad():

@@ -400,6 +400,63 @@ def test_loss_accepted_as_tensor_vector_number_or_none():
     assert close(rec["loss_stats"]["last"], given[-1], rel=1e-6)
 
 
+def test_frozen_layers_stay_on_the_fast_path_and_unfreezing_is_seen(monkeypatch, layout):
+    """Fine-tuning: a frozen layer has no gradient. It must count as a zero norm without
+    sending every step down the slow fallback; a layer unfrozen between epochs is measured
+    from the next epoch on, one frozen mid-epoch from the next sampled step on."""
+    import gradwatch._norms as norms_mod
+
+    fallbacks = []
+    real = norms_mod.NormPlan.write_fallback
+    monkeypatch.setattr(norms_mod.NormPlan, "write_fallback",
+                        lambda plan, row: (fallbacks.append(1), real(plan, row)))
+    torch.manual_seed(6)
+    model = mlp(nn.Tanh)
+    weighted = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for p in weighted[0].parameters():
+        p.requires_grad_(False)
+    probe = Probe(model, sample_stride=4)
+    opt = torch.optim.SGD([p for p in model.parameters()], lr=0.1)
+
+    def epoch(n, on_step=None):
+        norms = []
+        for k in range(9):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.randn(4, 5)),
+                                        torch.randint(0, 3, (4,))).backward()
+            norms.append([layer_norm_now(m) for m in weighted])
+            probe.step()
+            opt.step()
+            if on_step is not None:
+                on_step(k)
+        rec = probe.end_epoch(n)
+        for li, lrec in enumerate(rec["layers"]):
+            col = [r[li] for r in norms]
+            assert close(lrec["grad_norm"]["mean"], sum(col) / len(col)), (n, li)
+            assert close(lrec["grad_norm"]["last"], col[-1]), (n, li)
+        return rec
+
+    rec = epoch(1)
+    assert rec["layers"][0]["grad_norm"]["max"] == 0.0 and fallbacks == []
+    for p in weighted[0].parameters():   # unfrozen between epochs
+        p.requires_grad_(True)
+    rec = epoch(2)
+    assert rec["layers"][0]["grad_norm"]["min"] > 0 and fallbacks == []
+
+    def freeze_last_at_step_5(k):
+        if k == 5:
+            for p in weighted[-1].parameters():
+                p.requires_grad_(False)
+                p.grad = None
+
+    epoch(3, freeze_last_at_step_5)
+    # steps 6 and 7 take the fallback (their plan still expects the gradient); the plan is
+    # made again before the sampled step 8, and from there on the fast path is back
+    assert len(fallbacks) == 2
+    rec = epoch(4)
+    assert rec["layers"][-1]["grad_norm"]["max"] == 0.0 and len(fallbacks) == 2
+
+
 # ----------------------------------------------------------------------------- activations
 def act_reference(outs, kind):
     ys = torch.cat([o.reshape(-1).double() for o in outs])
