@@ -37,7 +37,6 @@ class _Group:
     def __init__(self, layout: list[list[Tensor]], length: int, hist_rows: int,
                  device: torch.device, dtype: torch.dtype, norm_dtype: torch.dtype | None):
         self.n = len(layout)      # layers (rows of a slot)
-        self.length = length
         self.norm_dtype = norm_dtype
         self.hist = torch.zeros(hist_rows, self.n, length, device=device, dtype=dtype)
         self.params: list[Tensor] = [p for params in layout for p in params]
